@@ -59,6 +59,7 @@ def sparsify(
     num_samples: int | None = None,
     round: int | None = None,
     client_id: str | None = None,
+    base: str | None = None,
     backend: str | None = None,
 ) -> SparseUpdate:
     """Build a client's upload from its trained state and the round's global state.
@@ -71,7 +72,9 @@ def sparsify(
 
     Importance selection runs over all pairs at once (``sparsify_grouped``):
     the grouped Triton kernels on CUDA tensors, the torch reference on CPU;
-    ``backend`` overrides the choice (see kernels._backend).
+    ``backend`` overrides the choice (see kernels._backend). ``base`` is passed
+    through to the update: the ``lora.state_digest`` of ``global_state``, which
+    the caller takes once per round (it reads every byte of the adapter).
     """
     config = config if config is not None else SparsifyConfig()
     layout = check_state(global_state, "global_state")
@@ -115,7 +118,7 @@ def sparsify(
         delta = local.to(torch.float32) - ref.to(torch.float32)
         if bool(delta.any()):
             deltas[key] = SparseTensor(delta.shape, delta.flatten())
-    return SparseUpdate(deltas=deltas, num_samples=num_samples, round=round, client_id=client_id)
+    return SparseUpdate(deltas=deltas, num_samples=num_samples, round=round, client_id=client_id, base=base)
 
 
 def densify(update: SparseUpdate | Broadcast) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ as plain tensors and never drops them.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -146,3 +147,28 @@ def check_same_layout(state: StateDict, reference: StateDict, name: str, referen
             raise ShapeMismatchError(
                 f"{name}[{key!r}] has shape {tuple(value.shape)}, {reference_name} has {tuple(ref.shape)}"
             )
+
+
+DIGEST_HEX_CHARS = 32
+
+
+def state_digest(state: StateDict) -> str:
+    """A 128-bit BLAKE2b digest (32 hex chars) of a state dict: keys, dtypes, shapes and bytes.
+
+    A client puts the digest of the global state it trained from into its update,
+    so the server can reject an update made against another global (a client that
+    missed a broadcast, or applied one twice). BLAKE2b hashes about 1 GB/s on one core;
+    the digest is taken once per round on each side, not per tensor operation.
+    """
+    if not isinstance(state, Mapping):
+        raise StateError(f"state_digest expects a mapping of str to tensors, got {type(state).__name__}")
+    hasher = hashlib.blake2b(digest_size=DIGEST_HEX_CHARS // 2, person=b"fedsrd-state")
+    for key in sorted(state):
+        tensor = state[key]
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise StateError(f"state_digest: {key!r} must map a str to a tensor, got {type(tensor).__name__}")
+        header = f"{key}\0{str(tensor.dtype)}\0{list(tensor.shape)}\0".encode()
+        hasher.update(len(header).to_bytes(8, "little") + header)
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        hasher.update(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
+    return hasher.hexdigest()

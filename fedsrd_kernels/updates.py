@@ -79,12 +79,15 @@ class SparseUpdate:
     """One client's upload: sparse deltas against the global state of the round.
 
     A key absent from ``deltas`` has a zero delta (an all-zero delta sends nothing).
+    ``base`` is the ``lora.state_digest`` of the global state the client trained
+    from; a server that knows its global's digest rejects updates made against another.
     """
 
     deltas: Mapping[str, SparseTensor]
     num_samples: int | None = None
     round: int | None = None
     client_id: str | None = None
+    base: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

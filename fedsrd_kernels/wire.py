@@ -38,10 +38,11 @@ import zstandard
 
 from .config import VALUE_DTYPES
 from .errors import FormatVersionError, NonFiniteError, PayloadError, ShapeMismatchError, StateError
+from .lora import DIGEST_HEX_CHARS
 from .updates import Broadcast, SparseTensor, SparseUpdate
 
 FORMAT_NAME = "fedsrd-wire"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: updates carry "base", the digest of the global state they were made against
 METADATA_KEY = "fedsrd"
 MAX_NUMEL = 2**34  # declared elements per payload (all tensors together); also the Philox mask limit
 ZSTD_LEVEL = 3
@@ -51,7 +52,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in VALUE_DTYPES.items()}
 _GAP_DTYPES = {"delta_u8": "<u1", "delta_u16": "<u2", "delta_u32": "<u4", "delta_u64": "<u8"}
 _POSITIONS = ("dense", "seeded", "bitmap", *_GAP_DTYPES)
 _FIELDS = {
-    "update": {"format", "version", "kind", "round", "num_samples", "client_id", "tensors"},
+    "update": {"format", "version", "kind", "round", "num_samples", "client_id", "base", "tensors"},
     "broadcast": {"format", "version", "kind", "round", "method", "seed", "download_drop", "moved", "seeded",
                   "tensors"},
 }
@@ -102,6 +103,10 @@ def _check_fields(meta: dict, error: type[Exception]) -> None:
                 bad(name, "an int in [0, 2**64) or None")
         if meta["client_id"] is not None and not isinstance(meta["client_id"], str):
             bad("client_id", "a str or None")
+        base = meta["base"]
+        if base is not None and not (isinstance(base, str) and len(base) == DIGEST_HEX_CHARS
+                                     and all(c in "0123456789abcdef" for c in base)):
+            bad("base", f"{DIGEST_HEX_CHARS} lowercase hex chars or None")
         return
     for name in ("round", "seed"):
         if not _is_count(meta[name]):
@@ -252,7 +257,7 @@ def _encode_parts(obj: SparseUpdate | Broadcast) -> tuple[bytes, int, int, int]:
     """(payload, value blob bytes, position blob bytes, paper-counted bytes)."""
     if isinstance(obj, SparseUpdate):
         meta = {"kind": "update", "round": obj.round, "num_samples": obj.num_samples,
-                "client_id": obj.client_id}
+                "client_id": obj.client_id, "base": obj.base}
         items = [("delta", k, v) for k, v in obj.deltas.items()]
     elif isinstance(obj, Broadcast):
         meta = {"kind": "broadcast", "round": obj.round, "method": obj.method, "seed": obj.seed,
@@ -398,6 +403,6 @@ def decode(data: bytes, *, max_numel: int = MAX_NUMEL) -> SparseUpdate | Broadca
         tensor = _decode_entry(meta, entry, blobs[f"{i}.values"], blobs.get(f"{i}.positions"))
         (replace if entry["group"] == "replace" else deltas)[entry["key"]] = tensor
     if meta["kind"] == "update":
-        return SparseUpdate(deltas, meta["num_samples"], meta["round"], meta["client_id"])
+        return SparseUpdate(deltas, meta["num_samples"], meta["round"], meta["client_id"], meta["base"])
     return Broadcast(meta["round"], meta["method"], meta["seed"], float(meta["download_drop"]), deltas,
                      replace, meta["moved"], frozenset(seeded))

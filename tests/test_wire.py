@@ -108,7 +108,7 @@ def assert_same_tensor(a: torch.Tensor, b: torch.Tensor) -> None:
 def assert_same(a, b) -> None:
     """Bit-exact equality of two updates or broadcasts."""
     assert type(a) is type(b)
-    fields = ("num_samples", "round", "client_id") if isinstance(a, SparseUpdate) else (
+    fields = ("num_samples", "round", "client_id", "base") if isinstance(a, SparseUpdate) else (
         "round", "method", "seed", "download_drop", "moved", "seeded")
     for name in fields:
         assert getattr(a, name) == getattr(b, name), name
@@ -251,7 +251,7 @@ def sample_update() -> SparseUpdate:
             "a.lora_B.weight": make_sparse((30, 8), 0.6, torch.bfloat16, 2.0, 2),  # bitmap
             "bias": make_sparse((30,), "dense", torch.float16, 1.0, 3),
         },
-        num_samples=10, round=4, client_id="c1",
+        num_samples=10, round=4, client_id="c1", base="0123456789abcdef" * 2,
     )
 
 
@@ -323,7 +323,7 @@ def set_field(field, value, entry=None):
 
 
 def test_unknown_format_or_version_is_a_format_version_error():
-    for edit in (set_field("version", 2), set_field("format", "other"), set_field("version", "1")):
+    for edit in (set_field("version", 1), set_field("version", 3), set_field("format", "other"), set_field("version", "2")):
         with pytest.raises(FormatVersionError):
             decode(edited(sample_update, edit))
 
@@ -361,6 +361,7 @@ def lying_meta_edits():
     yield from (set_field("extra", 1), drop_field("round"), drop_field("nnz", 0), set_field("extra", 1, 0))
     yield from (set_field("kind", "broadcast"), set_field("kind", "other"), set_field("round", -1),
                 set_field("round", "4"), set_field("num_samples", 1.5), set_field("client_id", 3),
+                set_field("base", "ABC"), set_field("base", "0" * 31),
                 set_field("tensors", {}), set_field("tensors", [1]))
     for nnz in (0, 1, 23, 25, 10**12, -1, True):
         yield set_field("nnz", nnz, 0)  # the real nnz of tensor 0 is 24
