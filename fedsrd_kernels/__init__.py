@@ -25,9 +25,10 @@ from .errors import (
     ShapeMismatchError,
     StateError,
 )
+from .intake import RoundOutcome, Submission, run_round, screen
 from .kernels._backend import backend_info
 from .kernels.scoring import importance, keep_count, kurtosis_ratio, pearson_kurtosis
-from .lora import LoraLayout, LoraPair, lora_layout
+from .lora import LoraLayout, LoraPair, lora_layout, state_digest
 from .server import AggregationReport, Aggregator, apply
 from .updates import Broadcast, SparseTensor, SparseUpdate
 from .wire import CommCost, comm_cost, decode, encode
@@ -50,11 +51,13 @@ __all__ = [
     "MethodSpec",
     "NonFiniteError",
     "PayloadError",
+    "RoundOutcome",
     "ShapeMismatchError",
     "SparseTensor",
     "SparseUpdate",
     "SparsifyConfig",
     "StateError",
+    "Submission",
     "__version__",
     "apply",
     "backend_info",
@@ -67,5 +70,8 @@ __all__ = [
     "kurtosis_ratio",
     "lora_layout",
     "pearson_kurtosis",
+    "run_round",
+    "screen",
     "sparsify",
+    "state_digest",
 ]

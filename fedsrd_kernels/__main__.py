@@ -25,7 +25,7 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
     for name, kind in (("rounds", int), ("rank", int), ("local-steps", int), ("batch-size", int),
                        ("seq-len", int), ("max-examples", int), ("heldout-examples", int), ("seed", int),
                        ("lr", float), ("alpha", float), ("mu", float), ("participation", float),
-                       ("download-drop", float)):
+                       ("download-drop", float), ("norm-bound", float), ("min-updates", int)):
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--out-dir")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))

@@ -31,7 +31,9 @@ class AggregationReport:
     moved: the factor(s) changed. scheduled: the factor the round's parity asked
     for (FedSRD). notes: why a pair deviated (a rank-deficient projection).
     paths: the decompose path each FedSRD pair took; residuals: the randomized
-    path's estimated relative range-finder residual.
+    path's estimated relative range-finder residual. update_norms: each update's
+    ||B_i A_i - B A||_F over the whole adapter, and clip_factors the multiplier
+    norm bounding gave it (both empty when norm bounding is off).
     """
 
     round: int
@@ -42,6 +44,8 @@ class AggregationReport:
     notes: dict[str, str] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
     residuals: dict[str, float] = field(default_factory=dict)
+    update_norms: tuple[float, ...] = ()
+    clip_factors: tuple[float, ...] = ()
 
 
 class Aggregator:
@@ -67,6 +71,14 @@ class Aggregator:
                    or "reference" (see fedsrd_kernels.decompose); the chosen one is reported.
     oversample, power_iters: the randomized path's extra columns and W W^T rounds.
     memory_budget: bytes of float64 working set per batched decompose call.
+    norm_bound:    robust aggregation, off (None) by default: clip each client's
+                   reconstructed update ||B_i A_i - B A||_F (whole adapter) to
+                   norm_bound x the round's median. Clipping by c_i is applied as a
+                   weight: p_i becomes c_i p_i and the weight taken away goes to a zero
+                   update (W = B A), so the round aggregates exactly
+                   B A + sum_i p_i c_i (B_i A_i - B A) for FedSRD; the FedAvg family
+                   scales the client's factor deltas by c_i. Needs every update of the
+                   round at once, so ``stream`` refuses it.
     backend:       "torch", "triton" or "cuda" for the kernels (client-delta reconstruction,
                    download compaction); None = FEDSRD_BACKEND
                    or automatic (see fedsrd_kernels.kernels._backend).
@@ -90,6 +102,7 @@ class Aggregator:
         power_iters: int = 2,
         memory_budget: int = 2 * 2**30,
         backend: str | None = None,
+        norm_bound: float | None = None,
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -112,6 +125,12 @@ class Aggregator:
                 f"upload config asks for {upload.selection!r}"
             )
         check_backend_name(backend)
+        if norm_bound is not None and not (
+            isinstance(norm_bound, (int, float)) and not isinstance(norm_bound, bool)
+            and math.isfinite(norm_bound) and norm_bound > 0
+        ):
+            raise ConfigError(f"norm_bound must be a finite number > 0 or None, got {norm_bound!r}")
+        self.norm_bound = None if norm_bound is None else float(norm_bound)
         self.method = method
         self.backend = backend
         self.rank = rank
@@ -195,7 +214,11 @@ class Aggregator:
         pairs, p = self._check_inputs(global_state, updates, weights, round)
         deltas: dict[str, SparseTensor] = {}
         replace: dict[str, torch.Tensor] = {}
-        report = AggregationReport(round=round, method=self.method, num_updates=len(updates))
+        num_updates, norms, clip = len(updates), (), ()
+        if self.norm_bound is not None:
+            updates, p, norms, clip = bound_norms(global_state, list(updates), pairs, p, self.norm_bound)
+        report = AggregationReport(round=round, method=self.method, num_updates=num_updates, update_norms=norms,
+                                   clip_factors=clip)
 
         def client_deltas(key: str) -> list[torch.Tensor | None]:
             return [u.deltas[key].to_dense() if key in u.deltas else None for u in updates]
@@ -282,6 +305,53 @@ class Aggregator:
         return SparseTensor(delta.shape, values, kept, scale=1.0 / (1.0 - self.download_drop))
 
 
+def reconstructed_norms(global_state: StateDict, updates: Sequence[SparseUpdate],
+                        pairs: Sequence[LoraPair]) -> torch.Tensor:
+    """||B_i A_i - B A||_F of each update over the whole adapter (float64), never forming d_out x d_in.
+
+    B_i A_i - B A = dB A + (B + dB) dA = U V with U = [dB, B + dB] (d_out x 2r) and
+    V = [A; dA] (2r x d_in), so ||U V||_F^2 = sum((U^T U) * (V V^T)): two 2r x 2r Grams
+    per pair and client, with no B A - B A cancellation. Other keys add ||delta||^2.
+    """
+    pair_keys = {key for pair in pairs for key in (pair.a_key, pair.b_key)}
+    squares = torch.zeros(len(updates), dtype=torch.float64)
+    for i, update in enumerate(updates):
+        for pair in pairs:
+            if pair.a_key not in update.deltas and pair.b_key not in update.deltas:
+                continue
+            b = global_state[pair.b_key].to(torch.float64)
+            a = global_state[pair.a_key].to(torch.float64)
+            d_b = update.deltas[pair.b_key].to_dense(torch.float64).to(b.device) if pair.b_key in update.deltas \
+                else torch.zeros_like(b)
+            d_a = update.deltas[pair.a_key].to_dense(torch.float64).to(a.device) if pair.a_key in update.deltas \
+                else torch.zeros_like(a)
+            u = torch.cat([d_b, b + d_b], dim=1)
+            v = torch.cat([a, d_a], dim=0)
+            squares[i] += float(((u.T @ u) * (v @ v.T)).sum())
+        for key, sparse in update.deltas.items():
+            if key not in pair_keys:
+                squares[i] += float(sparse.to_dense(torch.float64).square().sum())
+    return squares.clamp_min(0.0).sqrt()
+
+
+def bound_norms(global_state: StateDict, updates: list[SparseUpdate], pairs: Sequence[LoraPair], p: torch.Tensor,
+                norm_bound: float) -> tuple[list[SparseUpdate], torch.Tensor, tuple[float, ...], tuple[float, ...]]:
+    """Clip every update to norm_bound x the median norm, as weights (see Aggregator's norm_bound).
+
+    Returns the updates (plus a zero update carrying the weight clipping took away,
+    when any), their weights, the norms and the clip factors.
+    """
+    norms = reconstructed_norms(global_state, updates, pairs)
+    threshold = norm_bound * float(norms.quantile(0.5))
+    clip = torch.where(norms > threshold, threshold / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    clipped = p * clip
+    removed = 1.0 - float(clipped.sum())
+    if removed > 0.0:
+        updates = [*updates, SparseUpdate({})]
+        clipped = torch.cat([clipped, torch.tensor([removed], dtype=torch.float64)])
+    return updates, clipped, tuple(norms.tolist()), tuple(clip.tolist())
+
+
 def normalised_weights(weights: Sequence[float] | None, count: int) -> torch.Tensor:
     """p_i = w_i / sum w (float64); None gives 1/m each."""
     if weights is None:
@@ -345,4 +415,5 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, backend: str | None 
     return new_state
 
 
-__all__ = ["Aggregator", "AggregationReport", "apply", "normalised_weights", "scheduled_factor"]
+__all__ = ["Aggregator", "AggregationReport", "apply", "bound_norms", "normalised_weights", "reconstructed_norms",
+           "scheduled_factor"]

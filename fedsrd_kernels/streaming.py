@@ -58,6 +58,9 @@ class RoundStream:
                  probes: int = 8) -> None:
         if aggregator.spec.server == "flexlora":
             raise ConfigError("flexlora has no streaming form; aggregate a list of updates instead")
+        if aggregator.norm_bound is not None:
+            raise ConfigError("norm_bound clips to the round's median norm, which a stream does not know before "
+                              "its end; aggregate a list of updates instead")
         self._agg = aggregator
         self._pairs = aggregator.check_round_inputs(global_state, round)
         self._global = global_state

@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E4
 from fedsrd_kernels.client import sparsify  # noqa: E402
 from fedsrd_kernels.flower.records import aggregator_for, bytes_record, records_state, state_records  # noqa: E402
 from fedsrd_kernels.flower.strategy import METRICS, UPDATE, FedSRDStrategy  # noqa: E402
+from fedsrd_kernels.lora import state_digest  # noqa: E402
 from fedsrd_kernels.runner.config import RunConfig  # noqa: E402
 from fedsrd_kernels.runner.loop import federate  # noqa: E402
 from fedsrd_kernels.runner.model import tiny_llama  # noqa: E402
@@ -70,7 +71,7 @@ def test_strategy_aggregates_encoded_payloads_like_the_aggregator(monkeypatch):
     for name, scale in (("beta", 0.02), ("alpha", 0.01)):  # sent out of name order on purpose
         local = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in global_state.items()}
         update = sparsify(local, global_state, agg.client_config, num_samples=10 if name == "alpha" else 30,
-                          round=1, client_id=name)
+                          round=1, client_id=name, base=state_digest(global_state))
         payloads[name] = encode(update)
     replies = [reply(node, RecordDict({UPDATE: bytes_record(payloads[name]),
                                        METRICS: MetricRecord({"train-loss": 1.0})}))
@@ -90,7 +91,8 @@ def test_strategy_aggregates_encoded_payloads_like_the_aggregator(monkeypatch):
     expected = apply(global_state, want)
     for key in expected:
         assert torch.equal(got[key], expected[key].to(torch.float32)), key
-    assert metrics["clients"] == 2 and metrics["num-examples"] == 40
+    assert metrics["clients"] == 2 and metrics["num-examples"] == 40 and metrics["rejected"] == 1
+    assert list(strategy.last_rejected) == ["9"] and "not a" in strategy.last_rejected["9"]
 
 
 def test_state_records_round_trip_bfloat16():

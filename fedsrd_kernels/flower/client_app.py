@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from ..client import sparsify
 from ..errors import ConfigError, StateError
+from ..lora import state_digest
 from ..runner.config import RunConfig
 from ..runner.loop import ClientData, stable_seed
 from ..runner.run import build_clients, load_base
@@ -90,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
                            seed=stable_seed(cfg.seed, server_round, client.name), freeze_lora_a=agg.freeze_lora_A,
                            mu=agg.proximal_mu)
     update = sparsify(result.state, global_state, agg.client_config, num_samples=len(client.train),
-                      round=server_round, client_id=client.name)
+                      round=server_round, client_id=client.name, base=state_digest(global_state))
     content = RecordDict({
         UPDATE: bytes_record(encode(update)),
         METRICS: MetricRecord({"num-examples": len(client.train), "train-loss": result.loss,

@@ -70,4 +70,4 @@ def run_config(flower_config: Mapping[str, Any]) -> RunConfig:
 def aggregator_for(cfg: RunConfig) -> Aggregator:
     """The Aggregator that runner.loop.federate builds for ``cfg``."""
     return Aggregator(cfg.method, download_drop=cfg.download_drop, seed=cfg.seed, value_dtype=cfg.value_dtype,
-                      mu=cfg.mu)
+                      mu=cfg.mu, norm_bound=cfg.norm_bound)

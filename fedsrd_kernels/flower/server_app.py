@@ -35,7 +35,8 @@ def main(grid: Grid, context: Context) -> None:
     model, _ = load_base(cfg)
     initial = adapter_state(lora_model(model, cfg))
     del model
-    strategy = FedSRDStrategy(aggregator_for(cfg), min_nodes=int(context.run_config.get("min-nodes", 2)))
+    strategy = FedSRDStrategy(aggregator_for(cfg), min_nodes=int(context.run_config.get("min-nodes", 2)),
+                              min_updates=cfg.min_updates)
     strategy.global_state = initial  # keeps the adapter's dtypes (the ArrayRecord carries float32)
     result = strategy.start(grid, state_records(initial)[0], num_rounds=cfg.rounds)
     out = Path(cfg.out_dir)

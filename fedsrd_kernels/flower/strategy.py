@@ -3,12 +3,14 @@
 Each round every connected node is sent either the previous round's encoded
 Broadcast (when it took part in that round, so it holds the global adapter
 the Broadcast applies to) or the full global adapter (first round, newcomers).
-Replies carry an encoded SparseUpdate; the strategy decodes them, orders them
-by client name (as runner.loop.federate does), weighs them by sample count,
-aggregates, encodes the Broadcast and applies the decoded bytes, so server and
-clients apply the very same Broadcast. A reply that is an error, cannot be
-decoded, or does not fit the global state is logged and left out; a round
-with no usable reply leaves the global adapter as it was.
+Replies carry an encoded SparseUpdate; the strategy screens them
+(``intake.screen``: undecodable bytes, NaN/Inf, wrong keys or shapes, a stale
+round, a repeated client id or an update made against another global adapter
+are rejected and logged with the reason), orders the accepted ones by client
+name (as runner.loop.federate does), weighs them by sample count, aggregates,
+encodes the Broadcast and applies the decoded bytes, so server and clients
+apply the very same Broadcast. A round with fewer than ``min_updates`` valid
+replies is skipped: the global adapter stays as it was.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..errors import FedSRDError, StateError
+from ..intake import Submission, screen
+from ..lora import state_digest
 from ..server import Aggregator, apply
 from ..updates import SparseUpdate
 from ..wire import decode, encode
@@ -38,11 +42,14 @@ GLOBAL, BROADCAST, UPDATE, CONFIG, METRICS = "global", "broadcast", "update", "c
 class FedSRDStrategy(Strategy):
     """Train on every connected node (at least ``min_nodes``); aggregate with ``aggregator``."""
 
-    def __init__(self, aggregator: Aggregator, min_nodes: int = 1) -> None:
-        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1:
-            raise StateError(f"min_nodes must be an int >= 1, got {min_nodes!r}")
+    def __init__(self, aggregator: Aggregator, min_nodes: int = 1, min_updates: int = 1) -> None:
+        for name, value in (("min_nodes", min_nodes), ("min_updates", min_updates)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StateError(f"{name} must be an int >= 1, got {value!r}")
         self.aggregator = aggregator
         self.min_nodes = min_nodes
+        self.min_updates = min_updates
+        self.last_rejected: dict[str, str] = {}  # node id -> reason, of the last aggregated round
         self.global_state: dict[str, torch.Tensor] | None = None
         self.last_download: bytes | None = None
         self._holders: set[int] = set()  # nodes that hold the global adapter last_download applies to
@@ -70,61 +77,57 @@ class FedSRDStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates, senders, metrics = self.decode_replies(server_round, replies)
-        if not updates:
-            logger.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
+        submissions, metrics = self.collect_replies(server_round, replies)
+        accepted, rejected = screen(self.aggregator, self.global_state, submissions, server_round,
+                                    base=state_digest(self.global_state))
+        for sender, reason in rejected.items():
+            logger.warning("round %d: rejected the update of node %s: %s", server_round, sender, reason)
+        self.last_rejected = rejected
+        if len(accepted) < self.min_updates:
+            logger.warning("round %d skipped: %d valid update(s), fewer than min_updates=%d; the global adapter "
+                           "stays as it was", server_round, len(accepted), self.min_updates)
             self._holders = set()
+            self.last_download = None
             return None, None
-        order = sorted(range(len(updates)), key=lambda i: updates[i].client_id)
-        updates = [updates[i] for i in order]
-        download = self.aggregate_updates(server_round, updates)
-        self._holders = {senders[i] for i in order}
+        accepted.sort(key=lambda item: item[1].client_id or item[0])  # as runner.loop.federate orders clients
+        download = self.aggregate_updates(server_round, [u for _, u, _ in accepted], [w for _, _, w in accepted])
+        self._holders = {int(sender) for sender, _, _ in accepted}
         arrays, _ = state_records(self.global_state)
-        total = sum(u.num_samples for u in updates)
+        total = sum(w for _, _, w in accepted)
         summary = MetricRecord({
-            "num-examples": total, "clients": len(updates), "download-bytes": len(download),
-            "train-loss": sum(float(metrics[i].get("train-loss", math.nan)) * updates[k].num_samples
-                              for k, i in enumerate(order)) / total,
-            "full-adapter-sent": sum(int(m.get("full-adapter-sent", 0)) for m in metrics),
+            "num-examples": int(total), "clients": len(accepted), "rejected": len(rejected),
+            "download-bytes": len(download),
+            "train-loss": sum(float(metrics[s].get("train-loss", math.nan)) * w for s, _, w in accepted) / total,
+            "full-adapter-sent": sum(int(metrics[s].get("full-adapter-sent", 0)) for s, _, _ in accepted),
         })
         return arrays, summary
 
-    def aggregate_updates(self, server_round: int, updates: list[SparseUpdate]) -> bytes:
+    def aggregate_updates(self, server_round: int, updates: list[SparseUpdate], weights: list[float]) -> bytes:
         """Aggregate decoded updates (in this order), move the global adapter, return the Broadcast bytes."""
-        broadcast = self.aggregator.aggregate(self.global_state, updates, weights=[u.num_samples for u in updates],
-                                              round=server_round)
+        broadcast = self.aggregator.aggregate(self.global_state, updates, weights=weights, round=server_round)
         self.last_download = encode(broadcast)
         self.global_state = apply(self.global_state, decode(self.last_download))
         return self.last_download
 
-    def decode_replies(self, server_round: int,
-                       replies: Iterable[Message]) -> tuple[list[SparseUpdate], list[int], list[MetricRecord]]:
-        """The usable replies' updates, sender node ids and metrics; the rest is logged and dropped."""
-        updates, senders, metrics, names = [], [], [], set()
+    def collect_replies(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[list[Submission], dict[str, MetricRecord]]:
+        """Each replying node's payload as a Submission (weighted by the sample count it reports, see
+        ``intake.screen``), and its metrics; error replies and replies without bytes are logged and dropped."""
+        submissions, metrics = [], {}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 logger.warning("round %d: node %s replied with an error: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                update = decode(record_bytes(msg.content.get(UPDATE), f"node {node}"))
-                if not isinstance(update, SparseUpdate):
-                    raise StateError(f"node {node} sent a {type(update).__name__}, not a SparseUpdate")
-                if not update.client_id or update.client_id in names:
-                    raise StateError(f"node {node} sent client id {update.client_id!r} (missing or repeated)")
-                if not (isinstance(update.num_samples, int) and update.num_samples > 0):
-                    raise StateError(f"node {node} sent num_samples={update.num_samples!r}")
-                self.aggregator.check_update(f"node {node}", update, self.global_state, server_round)
-                reported = msg.content.get(METRICS)
-                reported = reported if isinstance(reported, MetricRecord) else MetricRecord()
+                payload = record_bytes(msg.content.get(UPDATE), f"node {node}")
             except (FedSRDError, KeyError, TypeError, ValueError) as exc:
                 logger.warning("round %d: dropped the reply of node %s: %s", server_round, node, exc)
                 continue
-            names.add(update.client_id)
-            updates.append(update)
-            senders.append(node)
-            metrics.append(reported)
-        return updates, senders, metrics
+            reported = msg.content.get(METRICS)
+            metrics[str(node)] = reported if isinstance(reported, MetricRecord) else MetricRecord()
+            submissions.append(Submission(str(node), payload))
+        return submissions, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

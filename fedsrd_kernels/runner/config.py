@@ -45,6 +45,8 @@ class RunConfig:
     mu: float | None = None
     participation: float = 1.0
     download_drop: float | None = None
+    norm_bound: float | None = None
+    min_updates: int = 1
     value_dtype: str = "float32"
     seed: int = 0
     out_dir: str = "runs/fedsrd"
@@ -53,7 +55,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        for name in ("rounds", "max_examples", "heldout_examples", "rank", "local_steps", "batch_size", "seq_len"):
+        for name in ("rounds", "max_examples", "heldout_examples", "rank", "local_steps", "batch_size", "seq_len",
+                     "min_updates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -61,6 +64,9 @@ class RunConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+        if self.norm_bound is not None and not (isinstance(self.norm_bound, (int, float)) and
+                                                math.isfinite(self.norm_bound) and self.norm_bound > 0):
+            raise ConfigError(f"norm_bound must be a number > 0 or None, got {self.norm_bound!r}")
         if not (0 < self.participation <= 1):
             raise ConfigError(f"participation must be in (0, 1], got {self.participation!r}")
         unknown = [d for d in self.domains if d not in DOMAINS]

@@ -1,14 +1,24 @@
-"""The federated loop: clients train, sparsify and encode; the server decodes,
+"""The federated loop: clients train, sparsify and encode; the server screens,
 aggregates and encodes; everyone applies. Bytes really cross as payloads.
 
-Per round one JSON line goes to ``<out_dir>/rounds.jsonl``; the global adapter
-is saved as a PEFT adapter folder (``<out_dir>/adapter``) and the round number
-in ``<out_dir>/progress.json``, each written to a temporary name and renamed, so
-a run killed at any point resumes from the last finished round.
+Crash safety. The server's state lives in one file, ``<out_dir>/state.safetensors``:
+the global adapter, the last finished round, the digest of the adapter, the config
+fingerprint and every round's log record. It is replaced atomically (written to a
+temporary name, fsynced, renamed, the folder fsynced) once per round, so a run
+killed at any instant resumes from the last finished round: no round is skipped
+or applied twice. Each accepted client payload is kept in ``<out_dir>/pending/``
+(written the same way) until its round is committed, so a resumed round does not
+retrain the clients that had already reported. Randomness is counter-based (every
+draw is seeded by (seed, round, client)), so the state needs no RNG snapshot and
+a resumed run is bit-identical to an uninterrupted one.
+
+``rounds.jsonl``, ``progress.json`` and the PEFT ``adapter/`` folder are exports
+of that state, rewritten after each commit (and on resume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,16 +26,28 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..client import sparsify
+from ..errors import ConfigError, StateError
+from ..intake import Submission, run_round
+from ..lora import state_digest
 from ..server import Aggregator, apply
 from ..wire import comm_cost, decode, encode
 from .config import RunConfig
 from .train import adapter_state, heldout_loss, load_adapter_state, train_locally
+
+STATE_FILE = "state.safetensors"
+PENDING_DIR = "pending"
+# Fields that do not change what a round computes: a run may resume with other values.
+_RESUMABLE_FIELDS = ("rounds", "out_dir", "device")
+
+# (round, client name, payload) -> the bytes the server receives, or None for a reply that was lost.
+Intercept = Callable[[int, str, bytes], "bytes | None"]
 
 
 @dataclass(frozen=True)
@@ -35,13 +57,27 @@ class ClientData:
     heldout: list[str]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name, fsync it, rename it over ``path``, fsync the folder."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def save_adapter(peft_model, state, folder: Path) -> None:
@@ -64,6 +100,45 @@ def load_saved_adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def config_fingerprint(cfg: RunConfig) -> str:
+    """The config fields that decide what a round computes, as canonical JSON."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
+    return json.dumps(fields, sort_keys=True, default=list)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What the server needs to go on after a crash (see the module docstring)."""
+
+    round: int
+    global_state: dict[str, torch.Tensor]
+    records: list[dict]
+    fingerprint: str
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        meta = {"round": str(self.round), "digest": state_digest(self.global_state),
+                "fingerprint": self.fingerprint, "records": json.dumps(self.records)}
+        return save({k: v.contiguous() for k, v in self.global_state.items()}, metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> ServerState:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        try:
+            result = cls(int(meta["round"]), state, json.loads(meta["records"]), meta["fingerprint"])
+            digest = meta["digest"]
+        except (KeyError, ValueError) as exc:
+            raise StateError(f"{path.name} is not a server state: {exc}") from None
+        if state_digest(state) != digest:
+            raise StateError(f"{path.name}: the adapter does not match its digest")
+        return result
+
+
 def stable_seed(*parts) -> int:
     """A seed from its parts that is the same in every process (str hashes are salted per process)."""
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
@@ -76,69 +151,120 @@ def sample_clients(names: list[str], cfg: RunConfig, round_: int) -> list[str]:
     return sorted(random.Random(f"{cfg.seed}/{round_}").sample(names, count))
 
 
+def _resume(out: Path, cfg: RunConfig, initial: dict[str, torch.Tensor], log) -> ServerState:
+    fingerprint = config_fingerprint(cfg)
+    path = out / STATE_FILE
+    if not path.exists():
+        return ServerState(0, initial, [], fingerprint)
+    saved = ServerState.load(path)
+    if saved.fingerprint != fingerprint:
+        raise ConfigError(f"{out} holds a run with another config ({saved.fingerprint}); this run has "
+                          f"{fingerprint}: use another out_dir")
+    if saved.global_state.keys() != initial.keys():
+        raise StateError(f"{out}: the saved adapter's keys differ from the model's")
+    log(f"resuming {cfg.method} after round {saved.round} from {out}")
+    return saved
+
+
+def _pending(out: Path, round_: int) -> Path:
+    return out / PENDING_DIR / f"round-{round_}"
+
+
+def _export(peft_model, server: ServerState, out: Path, method: str) -> None:
+    """rounds.jsonl, progress.json and the PEFT adapter folder, from the committed state."""
+    save_adapter(peft_model, server.global_state, out / "adapter")
+    _atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in server.records))
+    _atomic_write_text(out / "progress.json", json.dumps({"round": server.round, "method": method}))
+
+
 def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *, log=print,
-             show_progress: bool = True) -> list[dict]:
-    """Run (or resume) ``cfg.rounds`` rounds; returns every round's log record."""
+             show_progress: bool = True, intercept: Intercept | None = None) -> list[dict]:
+    """Run (or resume) ``cfg.rounds`` rounds; returns every round's log record.
+
+    ``intercept`` sits between clients and server (fault injection for tests and
+    drills): it gets (round, client, payload) and returns the bytes the server
+    receives, or None for a lost reply.
+    """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     agg = Aggregator(cfg.method, download_drop=cfg.download_drop, seed=cfg.seed, value_dtype=cfg.value_dtype,
-                     mu=cfg.mu)
-    progress_file, adapter_dir, log_file = out / "progress.json", out / "adapter", out / "rounds.jsonl"
-    global_state = adapter_state(peft_model)
-    done = 0
-    if progress_file.exists():
-        done = json.loads(progress_file.read_text())["round"]
-        global_state = load_saved_adapter(adapter_dir)
-        log(f"resuming {cfg.method} after round {done} from {out}")
-    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
-    records = [r for r in records if r["round"] <= done]
+                     mu=cfg.mu, norm_bound=cfg.norm_bound)
+    server = _resume(out, cfg, adapter_state(peft_model), log)
+    if server.round:
+        _export(peft_model, server, out, cfg.method)
     by_name = {c.name: c for c in clients}
-    bar = _progress(cfg.rounds, done, cfg.method, show_progress)
-    for round_ in range(done + 1, cfg.rounds + 1):
+    bar = _progress(cfg.rounds, min(server.round, cfg.rounds), cfg.method, show_progress)
+    for round_ in range(server.round + 1, cfg.rounds + 1):
+        global_state, pending = server.global_state, _pending(out, round_)
+        for stale in (out / PENDING_DIR).glob("round-*") if (out / PENDING_DIR).exists() else ():
+            if stale != pending:
+                shutil.rmtree(stale, ignore_errors=True)
+        pending.mkdir(parents=True, exist_ok=True)
+        base = state_digest(global_state)
         chosen = sample_clients(sorted(by_name), cfg, round_)
-        payloads, weights, train_loss, client_seconds = [], [], {}, {}
+        submissions, train_loss, client_seconds = [], {}, {}
         for name in chosen:
-            client = by_name[name]
-            steps = _progress(cfg.local_steps, 0, f"round {round_} {name}", show_progress, leave=False)
-            result = train_locally(peft_model, tokenizer, global_state, client.train, cfg,
-                                   seed=stable_seed(cfg.seed, round_, name), freeze_lora_a=agg.freeze_lora_A,
-                                   mu=agg.proximal_mu, progress=steps)
-            steps.close()
-            start = time.perf_counter()
-            update = sparsify(result.state, global_state, agg.client_config, num_samples=len(client.train),
-                              round=round_, client_id=name)
-            payloads.append(encode(update))
-            client_seconds[name] = result.seconds + time.perf_counter() - start
-            train_loss[name] = result.loss
-            weights.append(len(client.train))
+            client, saved = by_name[name], pending / f"{name}.fsrd"
+            if saved.exists():  # reported before a crash: its training is not repeated
+                payload = saved.read_bytes()
+                train_loss[name], client_seconds[name] = json.loads(saved.with_suffix(".json").read_text())
+            else:
+                steps = _progress(cfg.local_steps, 0, f"round {round_} {name}", show_progress, leave=False)
+                result = train_locally(peft_model, tokenizer, global_state, client.train, cfg,
+                                       seed=stable_seed(cfg.seed, round_, name), freeze_lora_a=agg.freeze_lora_A,
+                                       mu=agg.proximal_mu, progress=steps)
+                steps.close()
+                start = time.perf_counter()
+                update = sparsify(result.state, global_state, agg.client_config, num_samples=len(client.train),
+                                  round=round_, client_id=name, base=base)
+                payload = encode(update)
+                client_seconds[name] = result.seconds + time.perf_counter() - start
+                train_loss[name] = result.loss
+                if intercept is not None:
+                    payload = intercept(round_, name, payload)
+                if payload is None:
+                    continue
+                atomic_write_bytes(saved.with_suffix(".json"), json.dumps([train_loss[name], client_seconds[name]])
+                                   .encode())
+                atomic_write_bytes(saved, payload)  # last: its presence marks the client as done
+            submissions.append(Submission(name, payload, weight=len(client.train)))
         start = time.perf_counter()
-        updates = [decode(p) for p in payloads]
-        broadcast = agg.aggregate(global_state, updates, weights=weights, round=round_)
-        download = encode(broadcast)
+        outcome = run_round(agg, global_state, submissions, round_, base=base, min_updates=cfg.min_updates)
+        download, broadcast = b"", outcome.broadcast
+        if broadcast is not None:
+            download = encode(broadcast)
+            global_state = apply(global_state, decode(download))
         server_seconds = time.perf_counter() - start
-        global_state = apply(global_state, decode(download))
+        for name, reason in outcome.rejected.items():
+            log(f"round {round_}: rejected {name}: {reason}")
+        if outcome.skipped:
+            log(f"round {round_} skipped: {outcome.skipped}")
+        accepted = [decode(s.payload) for s in submissions if s.sender in outcome.accepted]
         heldout = {c.name: heldout_loss(peft_model, tokenizer, global_state, c.heldout, cfg) for c in clients}
+        report = outcome.report
         record = {
             "method": cfg.method, "round": round_, "clients": chosen, "train_loss": train_loss,
             "heldout_loss": heldout, "heldout_ppl": {k: math.exp(min(v, 50.0)) for k, v in heldout.items()},
-            "upload_bytes": sum(len(p) for p in payloads) / len(payloads),
-            "upload_paper_bytes": sum(comm_cost(u).paper_bytes for u in updates) / len(updates),
-            "download_bytes": len(download), "download_paper_bytes": comm_cost(broadcast).paper_bytes,
+            "upload_bytes": sum(len(s.payload) for s in submissions) / max(1, len(submissions)),
+            "upload_paper_bytes": sum(comm_cost(u).paper_bytes for u in accepted) / max(1, len(accepted)),
+            "download_bytes": len(download),
+            "download_paper_bytes": comm_cost(broadcast).paper_bytes if broadcast is not None else 0,
             "server_seconds": server_seconds, "client_seconds": client_seconds,
-            "moved": "".join(sorted(set(broadcast.moved.values()))),
+            "moved": "".join(sorted(set(broadcast.moved.values()))) if broadcast is not None else "",
+            "accepted": list(outcome.accepted), "rejected": outcome.rejected, "skipped": outcome.skipped,
+            "clip_factors": dict(zip(outcome.accepted, report.clip_factors)) if report and report.clip_factors
+            else {},
+            "base": base, "digest": state_digest(global_state),
         }
-        save_adapter(peft_model, global_state, adapter_dir)
-        with open(log_file, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        _atomic_write_text(progress_file, json.dumps({"round": round_, "method": cfg.method}))
-        records.append(record)
+        server = ServerState(round_, global_state, [*server.records, record], server.fingerprint)
+        atomic_write_bytes(out / STATE_FILE, server.to_bytes())  # the commit point of the round
+        shutil.rmtree(pending, ignore_errors=True)
+        _export(peft_model, server, out, cfg.method)
         log(json.dumps(record))
         bar.update(1)
     bar.close()
-    load_adapter_state(peft_model, global_state)
-    return records
+    load_adapter_state(peft_model, server.global_state)
+    return [r for r in server.records if r["round"] <= cfg.rounds]
 
 
 class _NoBar:

@@ -1,0 +1,142 @@
+"""A round's intake: screen what the clients sent, aggregate the valid updates or skip the round.
+
+A server takes bytes from machines it does not control. ``run_round`` never
+lets one bad client spoil a round: every submission is decoded (bounded, see
+``wire.decode``) and checked, a bad one is rejected with a reason, and the
+others are aggregated. When fewer than ``min_updates`` remain, the round is
+skipped: no Broadcast, the global state stays as it was.
+
+Rejected, each with its reason:
+- bytes that do not decode (``PayloadError``), or an object that is not a SparseUpdate;
+- NaN/Inf values, keys the global state lacks, wrong shapes, a frozen factor changed;
+- a stale round number;
+- a client id already accepted this round (the first one wins; ids fall back to the sender);
+- a wrong base: the update's ``base`` digest is not the digest of this round's global
+  state (the client missed a broadcast, applied one twice, or trained from something else);
+- a weight that is not a finite number > 0 (the given weight, else ``num_samples``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import AggregationError, FedSRDError
+from .lora import StateDict
+from .server import AggregationReport, Aggregator
+from .updates import Broadcast, SparseUpdate
+from .wire import MAX_NUMEL, decode
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What one sender handed in: payload bytes (or an already decoded update) and its weight.
+
+    sender: who sent it, as the transport knows them (a client name, a node id).
+    weight: the aggregation weight (sample count); None = the update's num_samples, else 1.
+    """
+
+    sender: str
+    payload: bytes | SparseUpdate
+    weight: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """The result of ``run_round``.
+
+    broadcast: the round's Broadcast, None when the round was skipped.
+    accepted:  senders whose updates were aggregated, in aggregation order.
+    rejected:  sender -> why their submission was left out.
+    skipped:   why the round was skipped, None when it was aggregated.
+    """
+
+    round: int
+    broadcast: Broadcast | None
+    accepted: tuple[str, ...]
+    rejected: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+    report: AggregationReport | None = None
+
+
+def screen(
+    aggregator: Aggregator,
+    global_state: StateDict,
+    submissions: Sequence[Submission],
+    round: int,
+    *,
+    base: str | None = None,
+    max_numel: int = MAX_NUMEL,
+) -> tuple[list[tuple[str, SparseUpdate, float]], dict[str, str]]:
+    """Split submissions into accepted (sender, update, weight) and rejected {sender: reason}.
+
+    ``base`` is the ``lora.state_digest`` of ``global_state``; when given, an update
+    must carry the same digest. ``max_numel`` caps what one payload may declare.
+    """
+    aggregator.check_round_inputs(global_state, round)
+    accepted: list[tuple[str, SparseUpdate, float]] = []
+    rejected: dict[str, str] = {}
+    owners: dict[str, str] = {}  # client id -> the sender whose update holds it
+    for i, submission in enumerate(submissions):
+        if not isinstance(submission, Submission):
+            raise AggregationError(f"submissions[{i}] is a {type(submission).__name__}, not a Submission")
+        sender = str(submission.sender)
+        if sender in rejected or any(sender == s for s, _, _ in accepted):
+            rejected[f"{sender}#{i}"] = f"sender {sender!r} already submitted this round"
+            continue
+        try:
+            update = submission.payload
+            if isinstance(update, (bytes, bytearray, memoryview)):
+                update = decode(update, max_numel=max_numel)
+            if not isinstance(update, SparseUpdate):
+                raise AggregationError(f"sent a {type(update).__name__}, not a SparseUpdate")
+            aggregator.check_update(f"update of {sender!r}", update, global_state, round)
+            if base is not None and update.base != base:
+                made = "no base digest" if update.base is None else f"base {update.base[:12]}..."
+                raise AggregationError(f"was made against {made}; this round's global is {base[:12]}...")
+            client = update.client_id if update.client_id is not None else sender
+            if client in owners:
+                raise AggregationError(f"client id {client!r} was already accepted from {owners[client]!r}")
+            weight = submission.weight
+            if weight is None:
+                weight = update.num_samples if update.num_samples is not None else 1.0
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                    math.isfinite(weight) and weight > 0):
+                raise AggregationError(f"weight must be a finite number > 0, got {weight!r}")
+        except FedSRDError as exc:
+            rejected[sender] = str(exc)
+            continue
+        owners[client] = sender
+        accepted.append((sender, update, float(weight)))
+    return accepted, rejected
+
+
+def run_round(
+    aggregator: Aggregator,
+    global_state: StateDict,
+    submissions: Sequence[Submission],
+    round: int,
+    *,
+    base: str | None = None,
+    min_updates: int = 1,
+    max_numel: int = MAX_NUMEL,
+) -> RoundOutcome:
+    """Screen, then aggregate the accepted updates, or skip the round when fewer than ``min_updates`` remain.
+
+    Nothing passed in is modified, and a skipped round produces no Broadcast, so a
+    round is either applied whole or not at all.
+    """
+    if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 1:
+        raise AggregationError(f"min_updates must be an int >= 1, got {min_updates!r}")
+    accepted, rejected = screen(aggregator, global_state, submissions, round, base=base, max_numel=max_numel)
+    senders = tuple(sender for sender, _, _ in accepted)
+    if len(accepted) < min_updates:
+        why = f"{len(accepted)} valid update(s) of {len(submissions)}, fewer than min_updates={min_updates}"
+        return RoundOutcome(round, None, senders, rejected, skipped=why)
+    broadcast = aggregator.aggregate(global_state, [u for _, u, _ in accepted], weights=[w for _, _, w in accepted],
+                                     round=round)
+    return RoundOutcome(round, broadcast, senders, rejected, report=aggregator.last_report)
+
+
+__all__ = ["RoundOutcome", "Submission", "run_round", "screen"]
