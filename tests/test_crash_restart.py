@@ -111,3 +111,67 @@ def test_sigkill_at_random_instants_loses_and_repeats_nothing(tmp_path):
     assert len(exported) == ROUNDS and not list((killed_dir / "pending").glob("round-*"))
     print(f"\n{kills} SIGKILLs over {lives} lives; uninterrupted run {whole_seconds:.2f} s; committed rounds after "
           f"each kill: {seen[1:]}")
+
+
+class Crash(BaseException):
+    """Dies like a kill would: not an Exception, so nothing on the way catches it."""
+
+
+def crash_at(real_write, index: int, after_rename: bool):
+    """An atomic_write_bytes that raises Crash at its ``index``-th call, before or after the rename."""
+    seen = []
+
+    def crashing(path, data):
+        seen.append(path.name)
+        if len(seen) - 1 != index:
+            return real_write(path, data)
+        if after_rename:
+            real_write(path, data)
+        else:  # the temporary file is complete, the rename never happens
+            path.with_name(path.name + ".tmp").write_bytes(data)
+        raise Crash(path.name)
+
+    return crashing
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_crash_at_every_write_of_a_run_resumes_bit_identical(tmp_path, monkeypatch):
+    """Every atomic write of a 2-round run, crashed just before its rename and just after it."""
+    from fedsrd_kernels.runner import loop
+
+    def run(out_dir):
+        from fedsrd_kernels.runner.config import RunConfig
+        from fedsrd_kernels.runner.model import tiny_llama
+        from fedsrd_kernels.runner.train import lora_model
+
+        cfg = RunConfig(method="fedsrd", rounds=2, model="tiny", rank=4, local_steps=1, batch_size=2, seq_len=16,
+                        heldout_examples=2, out_dir=str(out_dir))
+        model, tokenizer = tiny_llama(seed=0)
+        torch.manual_seed(cfg.seed)
+        clients = [loop.ClientData(name, texts[4:12], texts[:4]) for name, texts in list(TEXTS.items())[:2]]
+        loop.federate(lora_model(model, cfg), tokenizer, clients, cfg, log=lambda _: None, show_progress=False)
+        return ServerState.load(out_dir / STATE_FILE)
+
+    real_write = loop.atomic_write_bytes
+    calls = []
+
+    def counting(path, data):
+        calls.append(path.name)
+        real_write(path, data)
+
+    monkeypatch.setattr(loop, "atomic_write_bytes", counting)
+    whole = run(tmp_path / "whole")
+    writes = list(calls)
+    assert writes.count(STATE_FILE) == 2
+    for index in range(len(writes)):
+        for after_rename in (False, True):
+            out = tmp_path / f"crash-{index}-{after_rename}"
+            monkeypatch.setattr(loop, "atomic_write_bytes", crash_at(real_write, index, after_rename))
+            with pytest.raises(Crash):
+                run(out)
+            monkeypatch.setattr(loop, "atomic_write_bytes", real_write)
+            resumed = run(out)
+            assert [r["round"] for r in resumed.records] == [1, 2], (index, after_rename)
+            for key in whole.global_state:
+                assert torch.equal(resumed.global_state[key], whole.global_state[key]), (writes[index], key)
+            assert [r["digest"] for r in resumed.records] == [r["digest"] for r in whole.records]
