@@ -4,4 +4,6 @@
 ServerApp; ``client_app.app`` and ``server_app.app`` are the app components
 (``fedsrd_kernels.flower.client_app:app``, ``fedsrd_kernels.flower.server_app:app``).
 Payloads are our wire bytes, carried as one uint8 array in an ArrayRecord.
+``security`` writes TLS certificates and SuperNode keys for a secure
+deployment (it imports ``cryptography`` only; see README, "Secure deployment").
 """
