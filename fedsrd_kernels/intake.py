@@ -26,7 +26,7 @@ from .errors import AggregationError, FedSRDError
 from .lora import StateDict
 from .server import AggregationReport, Aggregator
 from .updates import Broadcast, SparseUpdate
-from .wire import MAX_NUMEL, decode
+from .wire import decode
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,19 @@ def screen(
     round: int,
     *,
     base: str | None = None,
-    max_numel: int = MAX_NUMEL,
+    max_numel: int | None = None,
 ) -> tuple[list[tuple[str, SparseUpdate, float]], dict[str, str]]:
     """Split submissions into accepted (sender, update, weight) and rejected {sender: reason}.
 
     ``base`` is the ``lora.state_digest`` of ``global_state``; when given, an update
-    must carry the same digest. ``max_numel`` caps what one payload may declare.
+    must carry the same digest. ``max_numel`` caps the elements one payload may
+    declare, which bounds decode's memory and time; None = the global state's
+    element count, the most a valid update can carry (a 1.8 KB bitmap bomb declaring
+    2**27 elements made decode peak at 144 MiB: the cap keeps that to the model's size).
     """
     aggregator.check_round_inputs(global_state, round)
+    if max_numel is None:
+        max_numel = max(1, sum(t.numel() for t in global_state.values()))
     accepted: list[tuple[str, SparseUpdate, float]] = []
     rejected: dict[str, str] = {}
     owners: dict[str, str] = {}  # client id -> the sender whose update holds it
@@ -120,7 +125,7 @@ def run_round(
     *,
     base: str | None = None,
     min_updates: int = 1,
-    max_numel: int = MAX_NUMEL,
+    max_numel: int | None = None,
 ) -> RoundOutcome:
     """Screen, then aggregate the accepted updates, or skip the round when fewer than ``min_updates`` remain.
 

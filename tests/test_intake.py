@@ -142,3 +142,22 @@ def test_runner_logs_rejections_and_skips_a_round_whole(tmp_path):
     assert any("round 1: rejected beta" in line for line in lines)
     saved = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["skipped"] is None for r in saved] == [False, False, True]
+
+
+def test_by_default_a_payload_may_declare_no_more_elements_than_the_global_state():
+    agg, g, base, _ = good_round(clients=1)
+    gen = torch.Generator().manual_seed(9)
+    big = lora_state([(300, 200), (17, 9)], 4, gen=gen)  # same keys, 10x the elements in the first pair
+    update = fk.sparsify(perturbed(big, 0.05, gen=gen), big, agg.client_config, round=ROUND, base=base)
+    outcome = run_round(agg, g, [Submission("big", fk.encode(update))], ROUND, base=base)
+    numel = sum(t.numel() for t in g.values())
+    assert f"declares over {numel} elements" in outcome.rejected["big"]  # refused before decoding a blob
+
+
+def test_clients_bound_a_broadcast_by_their_adapter():
+    agg, g, _, ups = good_round(clients=2)
+    data = fk.encode(agg.aggregate(g, ups, round=ROUND))
+    assert fk.decode(data, max_numel=fk.wire.broadcast_numel(g)).round == ROUND
+    small = {k: v[:1] for k, v in g.items()}
+    with pytest.raises(fk.PayloadError, match="declares over"):
+        fk.decode(data, max_numel=fk.wire.broadcast_numel(small))

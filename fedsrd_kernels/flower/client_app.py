@@ -26,7 +26,7 @@ from ..runner.run import build_clients, load_base
 from ..runner.train import lora_model, train_locally
 from ..server import apply
 from ..updates import Broadcast
-from ..wire import decode, encode
+from ..wire import broadcast_numel, decode, encode
 from .records import aggregator_for, bytes_record, record_bytes, records_state, run_config, state_records
 from .strategy import BROADCAST, CONFIG, GLOBAL, METRICS, UPDATE
 
@@ -68,11 +68,13 @@ def _sync_global(msg: Message, context: Context, server_round: int) -> dict[str,
         if _HELD not in context.state:
             raise StateError("the server sent a Broadcast but this node holds no global adapter")
         held_round = int(context.state[_HELD_ROUND]["round"])
-        broadcast = decode(record_bytes(msg.content.get(BROADCAST), "server broadcast"))
+        held = records_state(context.state[_HELD], context.state.get("fedsrd.dtypes"))
+        broadcast = decode(record_bytes(msg.content.get(BROADCAST), "server broadcast"),
+                           max_numel=broadcast_numel(held))
         if not isinstance(broadcast, Broadcast) or broadcast.round != server_round - 1 or held_round != broadcast.round:
             raise StateError(f"round {server_round}: got a broadcast for round {getattr(broadcast, 'round', None)}, "
                              f"this node holds the adapter before round {held_round}")
-        state = apply(records_state(context.state[_HELD], context.state.get("fedsrd.dtypes")), broadcast)
+        state = apply(held, broadcast)
     context.state[_HELD], context.state["fedsrd.dtypes"] = state_records(state)
     context.state[_HELD_ROUND] = ConfigRecord({"round": server_round})
     return state

@@ -37,7 +37,7 @@ from ..errors import ConfigError, StateError
 from ..intake import Submission, run_round
 from ..lora import state_digest
 from ..server import Aggregator, apply
-from ..wire import comm_cost, decode, encode
+from ..wire import broadcast_numel, comm_cost, decode, encode
 from .config import RunConfig
 from .train import adapter_state, heldout_loss, load_adapter_state, train_locally
 
@@ -233,7 +233,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         download, broadcast = b"", outcome.broadcast
         if broadcast is not None:
             download = encode(broadcast)
-            global_state = apply(global_state, decode(download))
+            global_state = apply(global_state, decode(download, max_numel=broadcast_numel(global_state)))
         server_seconds = time.perf_counter() - start
         for name, reason in outcome.rejected.items():
             log(f"round {round_}: rejected {name}: {reason}")
