@@ -20,7 +20,7 @@ import fedsrd_kernels as fk  # noqa: E402
 from fedsrd_kernels.runner.loop import STATE_FILE, ServerState  # noqa: E402
 
 KILLS = int(os.environ.get("FEDSRD_KILLS", "20"))
-ROUNDS = 14
+ROUNDS = 16
 TEXTS = {
     "alpha": [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(24)],
     "beta": [f"The balance of account {i} is {i * 13 % 97} dollars after interest." for i in range(24)],
@@ -73,6 +73,10 @@ def test_sigkill_at_random_instants_loses_and_repeats_nothing(tmp_path):
     assert proc.exitcode == 0
     whole_seconds = time.monotonic() - began
     whole = ServerState.load(whole_dir / STATE_FILE)
+    began = time.monotonic()  # a life with nothing left to do: process start, model build, resume, exports
+    proc = start(ctx, whole_dir)
+    proc.join(300)
+    startup = time.monotonic() - began
 
     rng = random.Random(2026)
     kills, seen, lives = 0, [0], 0
@@ -80,9 +84,9 @@ def test_sigkill_at_random_instants_loses_and_repeats_nothing(tmp_path):
         proc = start(ctx, killed_dir)
         lives += 1
         if kills < KILLS:
-            # under a round of work per life on average, so 20 kills fit in the run; they land
-            # anywhere: model build, resume, training, aggregation, commit and exports
-            proc.join(rng.uniform(0.0, 1.5 * whole_seconds / ROUNDS))
+            # the start-up plus half a round of work per life on average, so 20 kills use about 10 of
+            # the 16 rounds; they land anywhere: model build, resume, training, aggregation, commit, exports
+            proc.join(startup + rng.uniform(0.0, 1.0) * whole_seconds / ROUNDS)
             if proc.is_alive():
                 proc.kill()  # SIGKILL: no handler, no flush, no atexit
                 proc.join()
@@ -109,8 +113,8 @@ def test_sigkill_at_random_instants_loses_and_repeats_nothing(tmp_path):
             assert got[field] == want[field], (got["round"], field)
     exported = (killed_dir / "rounds.jsonl").read_text().splitlines()
     assert len(exported) == ROUNDS and not list((killed_dir / "pending").glob("round-*"))
-    print(f"\n{kills} SIGKILLs over {lives} lives; uninterrupted run {whole_seconds:.2f} s; committed rounds after "
-          f"each kill: {seen[1:]}")
+    print(f"\n{kills} SIGKILLs over {lives} lives; uninterrupted run {whole_seconds:.2f} s, start-up {startup:.2f} s; "
+          f"committed rounds after each kill: {seen[1:]}")
 
 
 class Crash(BaseException):

@@ -155,6 +155,8 @@ def test_one_client_scaled_x1000_is_held_off_by_norm_bounding(tmp_path):
     clean, _ = final_loss("clean", None, None)
     bounded, records = final_loss("bounded", 2.0, scaled_up(1000.0))
     unbounded, _ = final_loss("unbounded", None, scaled_up(1000.0))
+    print(f"\nmean held-out loss after 5 rounds: clean {clean:.4f}, x1000 attacker with norm_bound=2 {bounded:.4f} "
+          f"({bounded / clean - 1:+.1%}), without {unbounded:.4f} ({unbounded / clean - 1:+.1%})")
     assert clean < 5.3, "the clean run must learn for the comparison to mean anything"
     assert abs(bounded - clean) <= 0.05 * clean, (clean, bounded)
     assert unbounded > clean * 1.04 and unbounded > bounded + 0.1, (clean, bounded, unbounded)
