@@ -72,14 +72,14 @@ def run_one(method: str, clients: int, mode: str, out: str, threads: int = 1) ->
     base = fk.state_digest(state)
     agg = fk.Aggregator(method, seed=0)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    client_seconds = server_seconds = 0.0
+    client_seconds = server_seconds = server_cpu = 0.0
     stream = agg.stream(state, round=1) if mode == "stream" else None
     held, weights = [], []
     for i in range(clients):
         start = time.perf_counter()
         payload = client_payload(state, agg, base, i)
         client_seconds += time.perf_counter() - start
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         update = fk.decode(payload, max_numel=sum(v.numel() for v in state.values()))
         if stream is not None:
             stream.add(update, weight=update.num_samples)
@@ -87,14 +87,17 @@ def run_one(method: str, clients: int, mode: str, out: str, threads: int = 1) ->
             held.append(update)
             weights.append(update.num_samples)
         server_seconds += time.perf_counter() - start
-    start = time.perf_counter()
+        server_cpu += time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     broadcast = stream.finish() if stream is not None else agg.aggregate(state, held, weights=weights, round=1)
     server_seconds += time.perf_counter() - start
+    server_cpu += time.process_time() - cpu
     new = fk.apply(state, broadcast)
     save_file({k: v.contiguous() for k, v in new.items()}, out)
     residuals = agg.last_report.residuals
     return {
         "method": method, "mode": mode, "clients": clients, "server_seconds": server_seconds,
+        "server_cpu_seconds": server_cpu,
         "client_seconds": client_seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_mib": rss_start / MiB, "max_residual": max(residuals.values()) if residuals else None,
     }
