@@ -263,6 +263,8 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         log(json.dumps(record))
         bar.update(1)
     bar.close()
+    if (out / PENDING_DIR).exists() and not any((out / PENDING_DIR).iterdir()):
+        (out / PENDING_DIR).rmdir()
     load_adapter_state(peft_model, server.global_state)
     return [r for r in server.records if r["round"] <= cfg.rounds]
 
