@@ -1,8 +1,9 @@
 """FedSRD on Flower's Message API: the strategy in-process, and a loopback deployment.
 
 The loopback test starts a real SuperLink and two SuperNodes on 127.0.0.1
-(insecure, free ports), submits the app with ``flwr run``, and checks the
-final global adapter against runner.loop.federate on the same seed and data.
+(insecure, free ports), submits the app with ``flwr run`` for rounds 1-2, then
+again for round 3 (the ServerApp resumes from its committed state), and checks
+the final global adapter against runner.loop.federate on the same seed and data.
 """
 
 import json
@@ -37,7 +38,7 @@ from tests.flower_helpers import (  # noqa: E402
     write_jsonl,
 )
 
-TINY = {"method": "fedsrd", "rounds": 2, "model": "tiny", "rank": 4, "local_steps": 2, "batch_size": 2,
+TINY = {"method": "fedsrd", "rounds": 3, "model": "tiny", "rank": 4, "local_steps": 2, "batch_size": 2,
         "seq_len": 32, "seed": 0}
 
 
@@ -116,12 +117,15 @@ def test_loopback_deployment_equals_in_process_run(tmp_path):
         for (name, path), port in zip(data.items(), (node_a, node_b)):
             procs.start(name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                         "--host", "127.0.0.1", "--port", str(port), "--node-config", f"name='{name}' jsonl='{path}'")
-        run = subprocess.run([str(BIN_DIR / "flwr"), "run", str(app_dir), "loopback", "--stream"], env=env,
-                             cwd=tmp_path, capture_output=True, text=True, timeout=240)
-        result = out_dir / "global_adapter.safetensors"
-        if not result.exists():
-            pytest.fail(f"no result; flwr run rc={run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n"
-                        + procs.all_logs())
+        # the federation in two submissions: rounds 1-2, then the same run config resumed for round 3
+        for extra in (["--run-config", "rounds=2"], []):
+            result = out_dir / "global_adapter.safetensors"
+            result.unlink(missing_ok=True)
+            run = subprocess.run([str(BIN_DIR / "flwr"), "run", str(app_dir), "loopback", "--stream", *extra],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+            if not result.exists():
+                pytest.fail(f"no result; flwr run rc={run.returncode}\n{run.stdout[-3000:]}\n"
+                            f"{run.stderr[-3000:]}\n" + procs.all_logs())
     finally:
         procs.stop_all()
 
@@ -129,9 +133,11 @@ def test_loopback_deployment_equals_in_process_run(tmp_path):
 
     flower_state = load_file(str(result))
     rounds = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["clients"]) for r in rounds] == [(1, 2), (2, 2)]
-    # round 1 ships the whole adapter; round 2 only the encoded round-1 Broadcast
-    assert [r["full-adapter-sent"] for r in rounds] == [2, 0]
+    assert [(r["round"], r["clients"]) for r in rounds] == [(1, 2), (2, 2), (3, 2)]
+    # round 1 ships the whole adapter, round 2 only the encoded round-1 Broadcast; the resumed
+    # ServerApp starts from its committed state, so round 3 ships the whole adapter again
+    assert [r["full-adapter-sent"] for r in rounds] == [2, 0, 2]
+    assert [r["base"] for r in rounds[1:]] == [r["digest"] for r in rounds[:-1]]
     cfg = RunConfig(**TINY, out_dir=str(tmp_path / "in-process"))
     model, tokenizer = tiny_llama(seed=cfg.seed)
     torch.manual_seed(cfg.seed)

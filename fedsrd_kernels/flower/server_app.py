@@ -4,23 +4,32 @@ Run config: RunConfig fields (see records.run_config) plus ``min-nodes``
 (nodes to wait for before each round, default 2). The initial adapter is
 built as runner.run.run builds it (``torch.manual_seed(seed)`` before LoRA);
 the final global adapter is written to ``<out_dir>/global_adapter.safetensors`` and each
-round's aggregated train metrics to ``<out_dir>/rounds.jsonl``.
+round's aggregated train metrics, rejections and digests to ``<out_dir>/rounds.jsonl``.
+
+After every round the ServerApp commits its state to ``<out_dir>/state.safetensors`` as the
+in-process runner does (runner.loop.ServerState: one file, replaced atomically). A run that
+was stopped or whose ServerApp died is continued by submitting it again with the same
+config: it starts after the last committed round, every node gets the full adapter, and the
+result is bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from ..runner.loop import STATE_FILE, ServerState, atomic_write_bytes, resume_state
 from ..runner.run import load_base
 from ..runner.train import adapter_state, lora_model
 from .records import aggregator_for, run_config, state_records
 from .strategy import FedSRDStrategy
 
+logger = logging.getLogger(__name__)
 app = ServerApp()
 RESULT_FILE = "global_adapter.safetensors"
 ROUNDS_FILE = "rounds.jsonl"  # one line of aggregated train metrics per round
@@ -35,12 +44,21 @@ def main(grid: Grid, context: Context) -> None:
     model, _ = load_base(cfg)
     initial = adapter_state(lora_model(model, cfg))
     del model
-    strategy = FedSRDStrategy(aggregator_for(cfg), min_nodes=int(context.run_config.get("min-nodes", 2)),
-                              min_updates=cfg.min_updates)
-    strategy.global_state = initial  # keeps the adapter's dtypes (the ArrayRecord carries float32)
-    result = strategy.start(grid, state_records(initial)[0], num_rounds=cfg.rounds)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in strategy.global_state.items()}, str(out / RESULT_FILE))
-    rounds = {r: dict(m) for r, m in sorted(result.train_metrics_clientapp.items())}
-    (out / ROUNDS_FILE).write_text("".join(json.dumps({"round": r, **m}) + "\n" for r, m in rounds.items()))
+    server = resume_state(out, cfg, initial, log=logger.info)  # a run stopped or killed goes on from here
+    strategy = FedSRDStrategy(aggregator_for(cfg), min_nodes=int(context.run_config.get("min-nodes", 2)),
+                              min_updates=cfg.min_updates)
+    strategy.global_state = server.global_state  # keeps the adapter's dtypes (the ArrayRecord carries float32)
+    strategy.round_offset = server.round
+
+    def commit(round_: int, record: dict) -> None:
+        nonlocal server
+        server = ServerState(round_, strategy.global_state, [*server.records, record], server.fingerprint)
+        atomic_write_bytes(out / STATE_FILE, server.to_bytes())
+        atomic_write_bytes(out / ROUNDS_FILE, "".join(json.dumps(r) + "\n" for r in server.records).encode())
+
+    strategy.on_round_end = commit
+    if cfg.rounds > server.round:
+        strategy.start(grid, state_records(server.global_state)[0], num_rounds=cfg.rounds - server.round)
+    save_file({k: v.contiguous() for k, v in server.global_state.items()}, str(out / RESULT_FILE))

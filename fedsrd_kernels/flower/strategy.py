@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -53,12 +53,19 @@ class FedSRDStrategy(Strategy):
         self.global_state: dict[str, torch.Tensor] | None = None
         self.last_download: bytes | None = None
         self._holders: set[int] = set()  # nodes that hold the global adapter last_download applies to
+        # Rounds finished before this run (a resumed ServerApp): Flower counts its rounds from 1,
+        # the federation's round (mask seeds, the FedSRD schedule, staleness) is Flower's + offset.
+        self.round_offset = 0
+        # Called with (round, record) after every round, aggregated or skipped: where the
+        # ServerApp commits its state.
+        self.on_round_end: Callable[[int, dict], None] | None = None
 
     def summary(self) -> None:
         logger.info("FedSRDStrategy: %r, min_nodes=%d", self.aggregator, self.min_nodes)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.global_state is None:
             self.global_state = records_state(arrays)
         node_ids, _ = sample_nodes(grid, self.min_nodes, self.min_nodes)
@@ -77,18 +84,26 @@ class FedSRDStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        arrays, summary, record = self._aggregate(server_round, replies)
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, record)
+        return arrays, summary
+
+    def _aggregate(self, server_round: int, replies: Iterable[Message]):
         submissions, metrics = self.collect_replies(server_round, replies)
-        accepted, rejected = screen(self.aggregator, self.global_state, submissions, server_round,
-                                    base=state_digest(self.global_state))
+        base = state_digest(self.global_state)
+        accepted, rejected = screen(self.aggregator, self.global_state, submissions, server_round, base=base)
         for sender, reason in rejected.items():
             logger.warning("round %d: rejected the update of node %s: %s", server_round, sender, reason)
         self.last_rejected = rejected
+        record = {"round": server_round, "rejected": rejected, "base": base}
         if len(accepted) < self.min_updates:
-            logger.warning("round %d skipped: %d valid update(s), fewer than min_updates=%d; the global adapter "
-                           "stays as it was", server_round, len(accepted), self.min_updates)
+            skipped = f"{len(accepted)} valid update(s), fewer than min_updates={self.min_updates}"
+            logger.warning("round %d skipped: %s; the global adapter stays as it was", server_round, skipped)
             self._holders = set()
             self.last_download = None
-            return None, None
+            return None, None, {**record, "clients": 0, "skipped": skipped, "digest": base}
         accepted.sort(key=lambda item: item[1].client_id or item[0])  # as runner.loop.federate orders clients
         download = self.aggregate_updates(server_round, [u for _, u, _ in accepted], [w for _, _, w in accepted])
         self._holders = {int(sender) for sender, _, _ in accepted}
@@ -100,7 +115,8 @@ class FedSRDStrategy(Strategy):
             "train-loss": sum(float(metrics[s].get("train-loss", math.nan)) * w for s, _, w in accepted) / total,
             "full-adapter-sent": sum(int(metrics[s].get("full-adapter-sent", 0)) for s, _, _ in accepted),
         })
-        return arrays, summary
+        return arrays, summary, {**record, **dict(summary), "skipped": None,
+                                 "digest": state_digest(self.global_state)}
 
     def aggregate_updates(self, server_round: int, updates: list[SparseUpdate], weights: list[float]) -> bytes:
         """Aggregate decoded updates (in this order), move the global adapter, return the Broadcast bytes."""

@@ -151,7 +151,8 @@ def sample_clients(names: list[str], cfg: RunConfig, round_: int) -> list[str]:
     return sorted(random.Random(f"{cfg.seed}/{round_}").sample(names, count))
 
 
-def _resume(out: Path, cfg: RunConfig, initial: dict[str, torch.Tensor], log) -> ServerState:
+def resume_state(out: Path, cfg: RunConfig, initial: dict[str, torch.Tensor], log) -> ServerState:
+    """The committed state in ``out``, or round 0 at ``initial``; refuses another config's state."""
     fingerprint = config_fingerprint(cfg)
     path = out / STATE_FILE
     if not path.exists():
@@ -189,7 +190,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
     out.mkdir(parents=True, exist_ok=True)
     agg = Aggregator(cfg.method, download_drop=cfg.download_drop, seed=cfg.seed, value_dtype=cfg.value_dtype,
                      mu=cfg.mu, norm_bound=cfg.norm_bound)
-    server = _resume(out, cfg, adapter_state(peft_model), log)
+    server = resume_state(out, cfg, adapter_state(peft_model), log)
     if server.round:
         _export(peft_model, server, out, cfg.method)
     by_name = {c.name: c for c in clients}
