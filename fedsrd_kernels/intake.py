@@ -48,6 +48,7 @@ class RoundOutcome:
 
     broadcast: the round's Broadcast, None when the round was skipped.
     accepted:  senders whose updates were aggregated, in aggregation order.
+    updates:   their decoded updates, in the same order.
     rejected:  sender -> why their submission was left out.
     skipped:   why the round was skipped, None when it was aggregated.
     """
@@ -55,6 +56,7 @@ class RoundOutcome:
     round: int
     broadcast: Broadcast | None
     accepted: tuple[str, ...]
+    updates: tuple[SparseUpdate, ...] = ()
     rejected: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None
     report: AggregationReport | None = None
@@ -83,13 +85,15 @@ def screen(
     accepted: list[tuple[str, SparseUpdate, float]] = []
     rejected: dict[str, str] = {}
     owners: dict[str, str] = {}  # client id -> the sender whose update holds it
+    senders: set[str] = set()
     for i, submission in enumerate(submissions):
         if not isinstance(submission, Submission):
             raise AggregationError(f"submissions[{i}] is a {type(submission).__name__}, not a Submission")
         sender = str(submission.sender)
-        if sender in rejected or any(sender == s for s, _, _ in accepted):
+        if sender in senders:
             rejected[f"{sender}#{i}"] = f"sender {sender!r} already submitted this round"
             continue
+        senders.add(sender)
         try:
             update = submission.payload
             if isinstance(update, (bytes, bytearray, memoryview)):
@@ -136,12 +140,12 @@ def run_round(
         raise AggregationError(f"min_updates must be an int >= 1, got {min_updates!r}")
     accepted, rejected = screen(aggregator, global_state, submissions, round, base=base, max_numel=max_numel)
     senders = tuple(sender for sender, _, _ in accepted)
+    updates = tuple(update for _, update, _ in accepted)
     if len(accepted) < min_updates:
         why = f"{len(accepted)} valid update(s) of {len(submissions)}, fewer than min_updates={min_updates}"
-        return RoundOutcome(round, None, senders, rejected, skipped=why)
-    broadcast = aggregator.aggregate(global_state, [u for _, u, _ in accepted], weights=[w for _, _, w in accepted],
-                                     round=round)
-    return RoundOutcome(round, broadcast, senders, rejected, report=aggregator.last_report)
+        return RoundOutcome(round, None, senders, updates, rejected, skipped=why)
+    broadcast = aggregator.aggregate(global_state, list(updates), weights=[w for _, _, w in accepted], round=round)
+    return RoundOutcome(round, broadcast, senders, updates, rejected, report=aggregator.last_report)
 
 
 __all__ = ["RoundOutcome", "Submission", "run_round", "screen"]

@@ -201,7 +201,8 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
             if stale != pending:
                 shutil.rmtree(stale, ignore_errors=True)
         pending.mkdir(parents=True, exist_ok=True)
-        base = state_digest(global_state)
+        # the last committed round's digest (ServerState.load checked it against the adapter)
+        base = server.records[-1]["digest"] if server.records else state_digest(global_state)
         chosen = sample_clients(sorted(by_name), cfg, round_)
         submissions, train_loss, client_seconds = [], {}, {}
         for name in chosen:
@@ -240,7 +241,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
             log(f"round {round_}: rejected {name}: {reason}")
         if outcome.skipped:
             log(f"round {round_} skipped: {outcome.skipped}")
-        accepted = [decode(s.payload) for s in submissions if s.sender in outcome.accepted]
+        accepted = outcome.updates  # decoded once, by the screen
         heldout = {c.name: heldout_loss(peft_model, tokenizer, global_state, c.heldout, cfg) for c in clients}
         report = outcome.report
         record = {
