@@ -9,11 +9,11 @@ from collections.abc import Mapping
 import torch
 
 from .config import SparsifyConfig, check_value_dtype
-from .errors import StateError
+from .errors import ConfigError, KeyMismatchError, NonFiniteError, ShapeMismatchError, StateError
 from .kernels.scoring import select_top
 from .kernels.sparsify_grouped import sparsify_grouped
 from .lora import StateDict, check_same_layout, check_state
-from .updates import Broadcast, SparseTensor, SparseUpdate
+from .updates import Broadcast, Residual, SparseTensor, SparseUpdate
 
 
 def _random_keep(numel: int, drop: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -61,6 +61,7 @@ def sparsify(
     client_id: str | None = None,
     base: str | None = None,
     backend: str | None = None,
+    residual: Mapping[str, torch.Tensor] | None = None,
 ) -> SparseUpdate:
     """Build a client's upload from its trained state and the round's global state.
 
@@ -75,6 +76,12 @@ def sparsify(
     ``backend`` overrides the choice (see kernels._backend). ``base`` is passed
     through to the update: the ``lora.state_digest`` of ``global_state``, which
     the caller takes once per round (it reads every byte of the adapter).
+
+    Error feedback (``config.error_feedback``): ``residual`` is the previous
+    round's ``update.residual`` (None in a client's first round). It is added to
+    this round's deltas before selection, and the returned update's ``residual``
+    holds what was not sent, so that, to float32 rounding,
+    ``densify(update)[k] + update.residual[k] == local[k] - global[k] + residual[k]``.
     """
     config = config if config is not None else SparsifyConfig()
     layout = check_state(global_state, "global_state")
@@ -82,6 +89,14 @@ def sparsify(
     check_state(local_state, "local_state")
     if num_samples is not None and not (isinstance(num_samples, int) and num_samples >= 0):
         raise StateError(f"num_samples must be an int >= 0, got {num_samples!r}")
+    carried: dict[str, torch.Tensor] | None = None
+    if config.error_feedback:
+        carried = corrected_deltas(local_state, global_state, residual, client_id=client_id, round=round)
+        # The selection below sees the corrected deltas as if they had been trained.
+        local_state = {k: global_state[k].to(torch.float32) + carried[k] if k in carried else v
+                       for k, v in local_state.items()}
+    elif residual is not None:
+        raise ConfigError("a residual was passed, but config.error_feedback is off")
     generator = None
     if config.selection == "random" and config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
@@ -118,7 +133,57 @@ def sparsify(
         delta = local.to(torch.float32) - ref.to(torch.float32)
         if bool(delta.any()):
             deltas[key] = SparseTensor(delta.shape, delta.flatten())
-    return SparseUpdate(deltas=deltas, num_samples=num_samples, round=round, client_id=client_id, base=base)
+    held_back = None
+    if carried is not None:
+        held_back = Residual({k: c - deltas[k].to_dense() if k in deltas else c.clone() for k, c in carried.items()},
+                             client_id=client_id, round=round)
+    return SparseUpdate(deltas=deltas, num_samples=num_samples, round=round, client_id=client_id, base=base,
+                        residual=held_back)
+
+
+def corrected_deltas(
+    local_state: StateDict,
+    global_state: StateDict,
+    residual: Mapping[str, torch.Tensor] | None,
+    *,
+    client_id: str | None = None,
+    round: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Float32 ``local - global + residual`` for every floating key (error feedback).
+
+    The residual must hold exactly the global state's floating keys, with their
+    shapes, finite; a ``Residual`` that names another client, or a round that is
+    not before ``round``, is refused: it belongs to another client or run.
+    """
+    floating = [k for k, v in global_state.items() if v.is_floating_point()]
+    out = {k: local_state[k].to(torch.float32) - global_state[k].to(torch.float32) for k in floating}
+    if residual is None:
+        return out
+    if not isinstance(residual, Mapping):
+        raise StateError(f"residual must be a mapping of key -> tensor, got {type(residual).__name__}")
+    if isinstance(residual, Residual):
+        if client_id is not None and residual.client_id is not None and residual.client_id != client_id:
+            raise StateError(f"the residual belongs to client {residual.client_id!r}, this update is {client_id!r}")
+        if round is not None and residual.round is not None and residual.round >= round:
+            raise StateError(f"the residual was made in round {residual.round}; it must come from a round before "
+                             f"{round} (a residual from another run?)")
+    missing, unknown = sorted(set(floating) - set(residual)), sorted(set(residual) - set(floating))
+    if missing or unknown:
+        raise KeyMismatchError(f"residual does not match the adapter: missing {missing[:5]}, unknown {unknown[:5]} "
+                               "(a residual from another model or run?)")
+    for key in floating:
+        held = residual[key]
+        if not isinstance(held, torch.Tensor) or not held.is_floating_point():
+            what = held.dtype if isinstance(held, torch.Tensor) else type(held).__name__
+            raise ShapeMismatchError(f"residual[{key!r}] must be a floating tensor, got {what}")
+        if held.shape != out[key].shape:
+            raise ShapeMismatchError(f"residual[{key!r}] has shape {tuple(held.shape)}, the adapter has "
+                                     f"{tuple(out[key].shape)}")
+        held = held.to(device=out[key].device, dtype=torch.float32)
+        if not bool(torch.isfinite(held).all()):
+            raise NonFiniteError(f"residual[{key!r}] holds NaN/Inf values")
+        out[key] = out[key] + held
+    return out
 
 
 def densify(update: SparseUpdate | Broadcast) -> dict[str, torch.Tensor]:

@@ -56,6 +56,12 @@ class SparsifyConfig:
     base, coeff, upper: rho = base + min(upper, coeff * ln(max(kurtosis, 1))).
     rescale: scale the kept values so the sparse matrix keeps the dense L1 norm
              (sent as one scalar per matrix; applies to importance/magnitude).
+             None (default) = on, except with error feedback, where it is off.
+    error_feedback: beyond the paper. What a client does not send this round
+             (its ``SparseUpdate.residual``) is added to its next round's delta
+             before selection, so nothing is lost in the long run. Under Adam the
+             L1 rescale multiplies the kept values by ~12-20 (a hidden step-size
+             multiplier); error feedback needs no rescale, hence its default off.
     value_dtype: dtype of the transmitted values ("float32", "bfloat16", "float16").
     seed: seed of the "random" selection; None draws from torch's global RNG.
     """
@@ -63,13 +69,19 @@ class SparsifyConfig:
     base: float = 0.85
     coeff: float = 0.1
     upper: float = 0.11
-    rescale: bool = True
+    rescale: bool | None = None
     selection: Selection = "importance"
     random_drop: float = 0.9
     value_dtype: str = "float32"
     seed: int | None = None
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("error_feedback",) + (("rescale",) if self.rescale is not None else ()):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.rescale is None:
+            object.__setattr__(self, "rescale", not self.error_feedback)
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         check_probability("base", self.base, allow_one=True)

@@ -23,6 +23,8 @@ from .updates import Broadcast, SparseTensor, SparseUpdate
 
 logger = logging.getLogger(__name__)
 
+WEIGHTINGS = ("samples", "equal")
+
 
 @dataclass(frozen=True)
 class AggregationReport:
@@ -79,6 +81,9 @@ class Aggregator:
                    B A + sum_i p_i c_i (B_i A_i - B A) for FedSRD; the FedAvg family
                    scales the client's factor deltas by c_i. Needs every update of the
                    round at once, so ``stream`` refuses it.
+    weighting:     "samples" (default): p_i = n_i / sum n, the public code's rule, from the
+                   weights the caller passes (sample counts); "equal": p_i = 1 / m, the
+                   paper's and its scripts' rule (--simple_aggr), whatever weights are passed.
     backend:       "torch", "triton" or "cuda" for the kernels (client-delta reconstruction,
                    download compaction); None = FEDSRD_BACKEND
                    or automatic (see fedsrd_kernels.kernels._backend).
@@ -103,6 +108,7 @@ class Aggregator:
         memory_budget: int = 2 * 2**30,
         backend: str | None = None,
         norm_bound: float | None = None,
+        weighting: str = "samples",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -131,6 +137,9 @@ class Aggregator:
         ):
             raise ConfigError(f"norm_bound must be a finite number > 0 or None, got {norm_bound!r}")
         self.norm_bound = None if norm_bound is None else float(norm_bound)
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         self.method = method
         self.backend = backend
         self.rank = rank
@@ -195,7 +204,7 @@ class Aggregator:
             raise AggregationError("updates must be a non-empty sequence of SparseUpdate")
         for i, update in enumerate(updates):
             self.check_update(f"updates[{i}]", update, global_state, round)
-        return pairs, normalised_weights(weights, len(updates))
+        return pairs, normalised_weights(weights if self.weighting == "samples" else None, len(updates))
 
     # -- aggregation --------------------------------------------------------
 

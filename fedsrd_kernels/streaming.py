@@ -130,7 +130,7 @@ class RoundStream:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise AggregationError(f"weight must be a finite number >= 0, got {weight!r}")
         self._agg.check_update(f"update #{self._count}", update, self._global, self._round)
-        w = float(weight)
+        w = float(weight) if self._agg.weighting == "samples" else 1.0
         for group in self._groups:
             d_b = self._dense(group, update, "b_key", group.b.shape, group.touched_b)
             d_a = self._dense(group, update, "a_key", group.a.shape, group.touched_a)

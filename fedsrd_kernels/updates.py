@@ -9,7 +9,7 @@ their values, and one scale per matrix (the L1 rescale of the upload, or the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +74,34 @@ class SparseTensor:
         return flat.reshape(self.shape).to(dtype)
 
 
+class Residual(Mapping[str, torch.Tensor]):
+    """What a client held back in one round under error feedback: key -> dense float32 tensor.
+
+    It stays on the client (``wire.encode`` never sees it) and is passed to the
+    next round's ``sparsify(..., residual=...)``. ``client_id`` and ``round`` say
+    whose it is and which round made it, so ``sparsify`` can refuse one that
+    belongs to another client or does not come from an earlier round.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, client_id: str | None = None,
+                 round: int | None = None) -> None:
+        self._tensors = dict(tensors)
+        self.client_id = client_id
+        self.round = round
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"Residual({len(self)} tensors, client_id={self.client_id!r}, round={self.round!r})"
+
+
 @dataclass(frozen=True, eq=False)
 class SparseUpdate:
     """One client's upload: sparse deltas against the global state of the round.
@@ -81,6 +109,8 @@ class SparseUpdate:
     A key absent from ``deltas`` has a zero delta (an all-zero delta sends nothing).
     ``base`` is the ``lora.state_digest`` of the global state the client trained
     from; a server that knows its global's digest rejects updates made against another.
+    ``residual`` (error feedback only) is what this round held back, for the
+    client's next round; it is client-local and never encoded.
     """
 
     deltas: Mapping[str, SparseTensor]
@@ -88,6 +118,7 @@ class SparseUpdate:
     round: int | None = None
     client_id: str | None = None
     base: str | None = None
+    residual: Residual | None = field(default=None, repr=False)  # error feedback only; never encoded
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
 from fedsrd_kernels.client import sparsify  # noqa: E402
-from fedsrd_kernels.flower.records import aggregator_for, bytes_record, records_state, state_records  # noqa: E402
+from fedsrd_kernels.flower.records import bytes_record, records_state, state_records  # noqa: E402
 from fedsrd_kernels.flower.strategy import METRICS, UPDATE, FedSRDStrategy  # noqa: E402
 from fedsrd_kernels.lora import state_digest  # noqa: E402
 from fedsrd_kernels.runner.config import RunConfig  # noqa: E402
@@ -56,7 +56,7 @@ def test_strategy_aggregates_encoded_payloads_like_the_aggregator(monkeypatch):
     torch.manual_seed(0)
     cfg = RunConfig(**{**TINY, "rounds": 1})
     global_state = adapter_state(lora_model(tiny_llama(seed=0)[0], cfg))
-    agg = aggregator_for(cfg)
+    agg = cfg.aggregator()
     gen = torch.Generator().manual_seed(1)
     payloads = {}
     for name, scale in (("beta", 0.02), ("alpha", 0.01)):  # sent out of name order on purpose
@@ -68,11 +68,11 @@ def test_strategy_aggregates_encoded_payloads_like_the_aggregator(monkeypatch):
                                        METRICS: MetricRecord({"train-loss": 1.0})}))
                for node, name in ((7, "beta"), (3, "alpha"))]
     broken = reply(9, RecordDict({UPDATE: bytes_record(b"not a payload")}))
-    strategy = FedSRDStrategy(aggregator_for(cfg))
+    strategy = FedSRDStrategy(cfg.aggregator())
     strategy.global_state = global_state
     arrays, metrics = strategy.aggregate_train(1, [replies[0], broken, replies[1]])
 
-    want = aggregator_for(cfg).aggregate(global_state, [decode(payloads["alpha"]), decode(payloads["beta"])],
+    want = cfg.aggregator().aggregate(global_state, [decode(payloads["alpha"]), decode(payloads["beta"])],
                                          weights=[10, 30], round=1)
     assert strategy.last_download == encode(want)
     got = records_state(arrays)

@@ -27,7 +27,7 @@ from ..runner.train import lora_model, train_locally
 from ..server import apply
 from ..updates import Broadcast
 from ..wire import broadcast_numel, decode, encode
-from .records import aggregator_for, bytes_record, record_bytes, records_state, run_config, state_records
+from .records import bytes_record, record_bytes, records_state, run_config, state_records
 from .strategy import BROADCAST, CONFIG, GLOBAL, METRICS, UPDATE
 
 app = ClientApp()
@@ -86,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[CONFIG]["server-round"])
     client = client_data(cfg, context.node_config)
     peft_model, tokenizer = _base(cfg)
-    agg = aggregator_for(cfg)
+    agg = cfg.aggregator()
     sent_full = GLOBAL in msg.content
     global_state = _sync_global(msg, context, server_round)
     result = train_locally(peft_model, tokenizer, global_state, client.train, cfg,

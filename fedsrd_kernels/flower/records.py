@@ -19,7 +19,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from ..errors import ConfigError, PayloadError
 from ..runner.config import RunConfig
-from ..server import Aggregator
 
 PAYLOAD_KEY = "payload"
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
@@ -65,9 +64,3 @@ def run_config(flower_config: Mapping[str, Any]) -> RunConfig:
     if "jsonl" in overrides:
         raise ConfigError("jsonl clients are per node: give each SuperNode --node-config \"jsonl='path'\"")
     return RunConfig.load(path, **overrides)
-
-
-def aggregator_for(cfg: RunConfig) -> Aggregator:
-    """The Aggregator that runner.loop.federate builds for ``cfg``."""
-    return Aggregator(cfg.method, download_drop=cfg.download_drop, seed=cfg.seed, value_dtype=cfg.value_dtype,
-                      mu=cfg.mu, norm_bound=cfg.norm_bound)

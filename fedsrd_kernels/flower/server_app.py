@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..runner.loop import STATE_FILE, ServerState, atomic_write_bytes, resume_state
 from ..runner.run import load_base
 from ..runner.train import adapter_state, lora_model
-from .records import aggregator_for, run_config, state_records
+from .records import run_config, state_records
 from .strategy import FedSRDStrategy
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     server = resume_state(out, cfg, initial, log=logger.info)  # a run stopped or killed goes on from here
-    strategy = FedSRDStrategy(aggregator_for(cfg), min_nodes=int(context.run_config.get("min-nodes", 2)),
+    strategy = FedSRDStrategy(cfg.aggregator(), min_nodes=int(context.run_config.get("min-nodes", 2)),
                               min_updates=cfg.min_updates)
     strategy.global_state = server.global_state  # keeps the adapter's dtypes (the ArrayRecord carries float32)
     strategy.round_offset = server.round

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..baselines import METHODS
+from ..config import SparsifyConfig
 from ..errors import ConfigError
+from ..server import WEIGHTINGS, Aggregator
 
 DOMAINS = ("code", "medical", "math", "finance")
 
@@ -22,6 +24,17 @@ class RunConfig:
     model:  None = the embedded SmolLM2-135M-Instruct; "tiny" = a random-init
             2-layer Llama (tests, smoke runs); else a local HF folder or hub id.
     domains: one client per domain; jsonl: extra clients as {name: path}.
+
+    Training settings (the paper's scripts use all of them):
+    completion_only: loss on the response tokens of instruction pairs only
+            (plain texts keep the loss on every token), for training and held-out loss.
+    max_grad_norm: clip the local gradient to this norm (None = no clipping).
+    lora_dropout: dropout on the LoRA branch during local training.
+    weighting: "equal" (p_i = 1/m, the paper's) or "samples" (p_i = n_i / sum n).
+    error_feedback, rescale: the upload's error feedback and L1 rescale (see
+            SparsifyConfig); rescale None = on, except with error feedback.
+    eval_every: held-out loss every this many rounds (and after the last); the
+            base adapter's loss (round 0) is always measured once.
 
     The defaults finish 3 rounds of SmolLM2-135M with 4 clients on a 2-core CPU
     in minutes: with 16 held-out texts per client and 96-token sequences one
@@ -42,6 +55,13 @@ class RunConfig:
     batch_size: int = 4
     seq_len: int = 64
     lr: float = 3e-4
+    completion_only: bool = True
+    max_grad_norm: float | None = 1.0
+    lora_dropout: float = 0.05
+    weighting: str = "equal"
+    error_feedback: bool = False
+    rescale: bool | None = None
+    eval_every: int = 1
     mu: float | None = None
     participation: float = 1.0
     download_drop: float | None = None
@@ -56,7 +76,7 @@ class RunConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         for name in ("rounds", "max_examples", "heldout_examples", "rank", "local_steps", "batch_size", "seq_len",
-                     "min_updates"):
+                     "min_updates", "eval_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -64,6 +84,18 @@ class RunConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+        for name in ("completion_only", "error_feedback") + (("rescale",) if self.rescale is not None else ()):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.max_grad_norm is not None and not (
+                isinstance(self.max_grad_norm, (int, float)) and not isinstance(self.max_grad_norm, bool)
+                and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm must be a number > 0 or None, got {self.max_grad_norm!r}")
+        if isinstance(self.lora_dropout, bool) or not (isinstance(self.lora_dropout, (int, float))
+                                                       and 0 <= self.lora_dropout < 1):
+            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.norm_bound is not None and not (isinstance(self.norm_bound, (int, float)) and
                                                 math.isfinite(self.norm_bound) and self.norm_bound > 0):
             raise ConfigError(f"norm_bound must be a number > 0 or None, got {self.norm_bound!r}")
@@ -99,3 +131,14 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    def upload_config(self) -> SparsifyConfig:
+        """How this run's clients sparsify their uploads."""
+        return SparsifyConfig(selection=METHODS[self.method].selection, error_feedback=self.error_feedback,
+                              rescale=self.rescale)
+
+    def aggregator(self) -> Aggregator:
+        """The run's Aggregator: the one place the runner and the Flower apps build it from."""
+        return Aggregator(self.method, download_drop=self.download_drop, seed=self.seed, value_dtype=self.value_dtype,
+                          mu=self.mu, norm_bound=self.norm_bound, weighting=self.weighting,
+                          upload=self.upload_config())

@@ -69,12 +69,14 @@ class _SourceMissing(Exception):
 
 
 def load_domains(domains: Sequence[str] = DOMAINS, *, max_examples: int = 2000, heldout_fraction: float = 0.1,
-                 seed: int = 0) -> dict[str, DomainData]:
+                 heldout_examples: int | None = None, seed: int = 0) -> dict[str, DomainData]:
     """The requested domains whose source is installed, in the order asked, each from its own package.
 
     Each domain gets at most ``max_examples`` examples in all, of which
     ``round(heldout_fraction * n)`` (at least one when the fraction is > 0)
-    are held out. Chunks of one document (a source file, a guide section)
+    are held out; ``heldout_examples``, when given, holds out exactly that many
+    instead (at most half the domain: math has 270 problems, and a study wants
+    64 held out of each domain whatever its size). Chunks of one document (a source file, a guide section)
     never straddle the split. A domain's examples depend only on its name,
     ``seed``, ``max_examples``, ``heldout_fraction`` and its installed source,
     not on which other domains are loaded.
@@ -89,6 +91,9 @@ def load_domains(domains: Sequence[str] = DOMAINS, *, max_examples: int = 2000, 
         raise ConfigError(f"max_examples must be an int >= 2, got {max_examples!r}")
     if not 0 <= heldout_fraction < 1:
         raise ConfigError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
+    if heldout_examples is not None and (isinstance(heldout_examples, bool) or not isinstance(heldout_examples, int)
+                                         or heldout_examples < 1):
+        raise ConfigError(f"heldout_examples must be an int >= 1 or None, got {heldout_examples!r}")
     result = {}
     for name in domains:
         rng = random.Random(f"fedsrd-data:{seed}:{name}")  # str seeds hash with SHA-512: stable across runs
@@ -97,7 +102,7 @@ def load_domains(domains: Sequence[str] = DOMAINS, *, max_examples: int = 2000, 
         except _SourceMissing as exc:
             logger.warning("domain %r skipped: %s", name, exc)
             continue
-        train, heldout = _split(documents, max_examples, heldout_fraction, rng)
+        train, heldout = _split(documents, max_examples, heldout_fraction, rng, heldout_examples)
         result[name] = DomainData(name, train, heldout)
     return result
 
@@ -148,7 +153,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
 
 
 def _split(documents: list[list[Example]], max_examples: int, heldout_fraction: float,
-           rng: random.Random) -> tuple[list[Example], list[Example]]:
+           rng: random.Random, heldout_examples: int | None = None) -> tuple[list[Example], list[Example]]:
     """Shuffle documents, keep the first ``max_examples`` chunks, hold out the leading documents' chunks.
 
     The document that crosses the held-out boundary gives its first chunks to
@@ -162,7 +167,10 @@ def _split(documents: list[list[Example]], max_examples: int, heldout_fraction: 
             break
         kept.append(doc[: max_examples - total])
         total += len(kept[-1])
-    n_heldout = min(max(1, round(heldout_fraction * total)), total - 1) if heldout_fraction > 0 and total > 1 else 0
+    if heldout_examples is not None:
+        n_heldout = min(heldout_examples, total // 2)
+    else:
+        n_heldout = min(max(1, round(heldout_fraction * total)), total - 1) if heldout_fraction > 0 and total > 1 else 0
     heldout: list[Example] = []
     train: list[Example] = []
     for doc in kept:

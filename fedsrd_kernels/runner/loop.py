@@ -33,18 +33,21 @@ from pathlib import Path
 import torch
 
 from ..client import sparsify
+from ..diagnostics import summarise, upload_diagnostics
 from ..errors import ConfigError, StateError
 from ..intake import Submission, run_round
 from ..lora import state_digest
-from ..server import Aggregator, apply
+from ..server import apply
 from ..wire import broadcast_numel, comm_cost, decode, encode
 from .config import RunConfig
-from .train import adapter_state, heldout_loss, load_adapter_state, train_locally
+from .residuals import load_residual, prune_residuals, run_id, save_residual
+from .train import Text, adapter_state, heldout_loss, load_adapter_state, train_locally
 
 STATE_FILE = "state.safetensors"
 PENDING_DIR = "pending"
+CLIENTS_DIR = "clients"  # per client: its error-feedback residuals (see runner.residuals)
 # Fields that do not change what a round computes: a run may resume with other values.
-_RESUMABLE_FIELDS = ("rounds", "out_dir", "device")
+_RESUMABLE_FIELDS = ("rounds", "out_dir", "device", "eval_every")
 
 # (round, client name, payload) -> the bytes the server receives, or None for a reply that was lost.
 Intercept = Callable[[int, str, bytes], "bytes | None"]
@@ -53,8 +56,8 @@ Intercept = Callable[[int, str, bytes], "bytes | None"]
 @dataclass(frozen=True)
 class ClientData:
     name: str
-    train: list[str]
-    heldout: list[str]
+    train: list[Text]
+    heldout: list[Text]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -114,12 +117,14 @@ class ServerState:
     global_state: dict[str, torch.Tensor]
     records: list[dict]
     fingerprint: str
+    base_heldout: dict[str, float] | None = None  # held-out loss of the initial adapter (round 0)
 
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
 
         meta = {"round": str(self.round), "digest": state_digest(self.global_state),
-                "fingerprint": self.fingerprint, "records": json.dumps(self.records)}
+                "fingerprint": self.fingerprint, "records": json.dumps(self.records),
+                "base_heldout": json.dumps(self.base_heldout)}
         return save({k: v.contiguous() for k, v in self.global_state.items()}, metadata=meta)
 
     @classmethod
@@ -130,7 +135,8 @@ class ServerState:
             meta = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         try:
-            result = cls(int(meta["round"]), state, json.loads(meta["records"]), meta["fingerprint"])
+            result = cls(int(meta["round"]), state, json.loads(meta["records"]), meta["fingerprint"],
+                         json.loads(meta.get("base_heldout", "null")))
             digest = meta["digest"]
         except (KeyError, ValueError) as exc:
             raise StateError(f"{path.name} is not a server state: {exc}") from None
@@ -175,7 +181,8 @@ def _export(peft_model, server: ServerState, out: Path, method: str) -> None:
     """rounds.jsonl, progress.json and the PEFT adapter folder, from the committed state."""
     save_adapter(peft_model, server.global_state, out / "adapter")
     _atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in server.records))
-    _atomic_write_text(out / "progress.json", json.dumps({"round": server.round, "method": method}))
+    _atomic_write_text(out / "progress.json", json.dumps({"round": server.round, "method": method,
+                                                         "base_heldout": server.base_heldout}))
 
 
 def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *, log=print,
@@ -188,11 +195,16 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    agg = Aggregator(cfg.method, download_drop=cfg.download_drop, seed=cfg.seed, value_dtype=cfg.value_dtype,
-                     mu=cfg.mu, norm_bound=cfg.norm_bound)
+    agg = cfg.aggregator()
     server = resume_state(out, cfg, adapter_state(peft_model), log)
     if server.round:
         _export(peft_model, server, out, cfg.method)
+    if server.base_heldout is None:  # round 0: the base model's loss (LoRA's B starts at zero)
+        base_heldout = {c.name: heldout_loss(peft_model, tokenizer, server.global_state, c.heldout, cfg)
+                        for c in clients}
+        server = dataclasses.replace(server, base_heldout=base_heldout)
+        log(json.dumps({"method": cfg.method, "round": 0, "heldout_loss": base_heldout}))
+    run = run_id(server.fingerprint)
     by_name = {c.name: c for c in clients}
     bar = _progress(cfg.rounds, min(server.round, cfg.rounds), cfg.method, show_progress)
     for round_ in range(server.round + 1, cfg.rounds + 1):
@@ -204,12 +216,14 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         # the last committed round's digest (ServerState.load checked it against the adapter)
         base = server.records[-1]["digest"] if server.records else state_digest(global_state)
         chosen = sample_clients(sorted(by_name), cfg, round_)
-        submissions, train_loss, client_seconds = [], {}, {}
+        submissions, train_loss, client_seconds, diagnostics = [], {}, {}, {}
         for name in chosen:
             client, saved = by_name[name], pending / f"{name}.fsrd"
             if saved.exists():  # reported before a crash: its training is not repeated
                 payload = saved.read_bytes()
-                train_loss[name], client_seconds[name] = json.loads(saved.with_suffix(".json").read_text())
+                done = json.loads(saved.with_suffix(".json").read_text())
+                train_loss[name], client_seconds[name] = done["train_loss"], done["seconds"]
+                diagnostics[name] = done["diagnostics"]
             else:
                 steps = _progress(cfg.local_steps, 0, f"round {round_} {name}", show_progress, leave=False)
                 result = train_locally(peft_model, tokenizer, global_state, client.train, cfg,
@@ -217,18 +231,27 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
                                        mu=agg.proximal_mu, progress=steps)
                 steps.close()
                 start = time.perf_counter()
+                folder = out / CLIENTS_DIR / name
+                residual = (load_residual(folder, run=run, client=name, before_round=round_)
+                            if cfg.error_feedback else None)
                 update = sparsify(result.state, global_state, agg.client_config, num_samples=len(client.train),
-                                  round=round_, client_id=name, base=base)
+                                  round=round_, client_id=name, base=base, residual=residual)
                 payload = encode(update)
                 client_seconds[name] = result.seconds + time.perf_counter() - start
                 train_loss[name] = result.loss
+                diagnostics[name] = summarise(upload_diagnostics(global_state, result.state, update))
+                if update.residual is not None:  # kept before the payload: a retrained round needs the older one
+                    save_residual(folder, update.residual, run=run, client=name)
                 if intercept is not None:
                     payload = intercept(round_, name, payload)
                 if payload is None:
                     continue
-                atomic_write_bytes(saved.with_suffix(".json"), json.dumps([train_loss[name], client_seconds[name]])
-                                   .encode())
+                atomic_write_bytes(saved.with_suffix(".json"), json.dumps(
+                    {"train_loss": train_loss[name], "seconds": client_seconds[name],
+                     "diagnostics": diagnostics[name]}).encode())
                 atomic_write_bytes(saved, payload)  # last: its presence marks the client as done
+                if update.residual is not None:
+                    prune_residuals(folder, before_round=round_)
             submissions.append(Submission(name, payload, weight=len(client.train)))
         start = time.perf_counter()
         outcome = run_round(agg, global_state, submissions, round_, base=base, min_updates=cfg.min_updates)
@@ -242,7 +265,9 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         if outcome.skipped:
             log(f"round {round_} skipped: {outcome.skipped}")
         accepted = outcome.updates  # decoded once, by the screen
-        heldout = {c.name: heldout_loss(peft_model, tokenizer, global_state, c.heldout, cfg) for c in clients}
+        evaluate = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
+        heldout = ({c.name: heldout_loss(peft_model, tokenizer, global_state, c.heldout, cfg) for c in clients}
+                   if evaluate else {})
         report = outcome.report
         record = {
             "method": cfg.method, "round": round_, "clients": chosen, "train_loss": train_loss,
@@ -256,13 +281,15 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
             "accepted": list(outcome.accepted), "rejected": outcome.rejected, "skipped": outcome.skipped,
             "clip_factors": dict(zip(outcome.accepted, report.clip_factors)) if report and report.clip_factors
             else {},
+            "diagnostics": diagnostics,
             "base": base, "digest": state_digest(global_state),
         }
-        server = ServerState(round_, global_state, [*server.records, record], server.fingerprint)
+        server = ServerState(round_, global_state, [*server.records, record], server.fingerprint,
+                             server.base_heldout)
         atomic_write_bytes(out / STATE_FILE, server.to_bytes())  # the commit point of the round
         shutil.rmtree(pending, ignore_errors=True)
         _export(peft_model, server, out, cfg.method)
-        log(json.dumps(record))
+        log(json.dumps({k: v for k, v in record.items() if k != "diagnostics"}))  # diagnostics: rounds.jsonl
         bar.update(1)
     bar.close()
     if (out / PENDING_DIR).exists() and not any((out / PENDING_DIR).iterdir()):

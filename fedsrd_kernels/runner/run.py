@@ -10,20 +10,28 @@ import torch
 from .config import RunConfig
 from .loop import ClientData, federate
 from .report import format_table, plot_loss_vs_traffic, summary_rows
-from .train import lora_model
+from .train import Text, TrainText, lora_model
 
 
-def as_text(example, tokenizer) -> str:
-    """A training text: plain strings as they are, instruction pairs through the chat template."""
+def as_text(example, tokenizer) -> Text:
+    """A training text: plain strings as they are, instruction pairs through the chat template.
+
+    A pair becomes a ``TrainText`` that marks where its prompt (everything up to
+    the assistant's turn) ends, for the completion-only loss.
+    """
     if isinstance(example, str):
         return example
     if "text" in example:
         return example["text"]
-    messages = [{"role": "user", "content": example["instruction"]},
-                {"role": "assistant", "content": example["response"]}]
+    prompt = [{"role": "user", "content": example["instruction"]}]
+    messages = [*prompt, {"role": "assistant", "content": example["response"]}]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return f"{example['instruction']}\n{example['response']}"
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        # A template whose prompt part is not a prefix of the whole gives no safe cut: keep every token.
+        return TrainText(text, len(head) if text.startswith(head) else 0)
+    head = f"{example['instruction']}\n"
+    return TrainText(head + example["response"], len(head))
 
 
 def build_clients(cfg: RunConfig, tokenizer, log=print) -> list[ClientData]:
@@ -31,10 +39,11 @@ def build_clients(cfg: RunConfig, tokenizer, log=print) -> list[ClientData]:
     from .data import load_domains, load_jsonl
 
     clients = []
-    domains = load_domains(cfg.domains, max_examples=cfg.max_examples, seed=cfg.seed) if cfg.domains else {}
+    domains = load_domains(cfg.domains, max_examples=cfg.max_examples, heldout_examples=cfg.heldout_examples,
+                           seed=cfg.seed) if cfg.domains else {}
     for name, data in domains.items():
         train = [as_text(x, tokenizer) for x in data.train]
-        heldout = [as_text(x, tokenizer) for x in data.heldout][: cfg.heldout_examples]
+        heldout = [as_text(x, tokenizer) for x in data.heldout]
         clients.append(ClientData(name, train, heldout))
     for name, path in cfg.jsonl.items():
         examples = [as_text(x, tokenizer) for x in load_jsonl(path)]
