@@ -38,8 +38,9 @@ from tests.flower_helpers import (  # noqa: E402
     write_jsonl,
 )
 
+# error feedback on: the nodes keep residuals on their disks, and must still match the in-process run
 TINY = {"method": "fedsrd", "rounds": 3, "model": "tiny", "rank": 4, "local_steps": 2, "batch_size": 2,
-        "seq_len": 32, "seed": 0}
+        "seq_len": 32, "seed": 0, "error_feedback": True}
 
 
 def reply(node_id: int, content: RecordDict) -> Message:
@@ -138,6 +139,9 @@ def test_loopback_deployment_equals_in_process_run(tmp_path):
     # ServerApp starts from its committed state, so round 3 ships the whole adapter again
     assert [r["full-adapter-sent"] for r in rounds] == [2, 0, 2]
     assert [r["base"] for r in rounds[1:]] == [r["digest"] for r in rounds[:-1]]
+    for name in data:  # each node's newest residual, and the one its newest round was made from
+        kept = sorted(p.name for p in (out_dir / "clients" / name).iterdir())
+        assert kept == ["residual-2.safetensors", "residual-3.safetensors"], (name, kept)
     cfg = RunConfig(**TINY, out_dir=str(tmp_path / "in-process"))
     model, tokenizer = tiny_llama(seed=cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -9,9 +9,17 @@ of runner.loop.federate (``stable_seed(seed, round, name)``; LoRA built after
 The node keeps the global adapter it was last sent in ``context.state`` and
 applies the next Broadcast to it; the server sends the full adapter when the
 node did not take part in the previous round.
+
+With ``error-feedback`` in the run config, the node keeps its residual on its
+own disk, in ``<out-dir>/clients/<name>`` or the node config's ``state-dir``
+(see runner.residuals): written atomically before the reply leaves, the one
+before it kept until a newer round has used it, so a round the server asks
+again (a resubmitted run) is retrained from the same residual.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,7 +29,8 @@ from ..client import sparsify
 from ..errors import ConfigError, StateError
 from ..lora import state_digest
 from ..runner.config import RunConfig
-from ..runner.loop import ClientData, stable_seed
+from ..runner.loop import CLIENTS_DIR, ClientData, config_fingerprint, stable_seed
+from ..runner.residuals import load_residual, prune_residuals, run_id, save_residual
 from ..runner.run import build_clients, load_base
 from ..runner.train import lora_model, train_locally
 from ..server import apply
@@ -92,8 +101,16 @@ def train(msg: Message, context: Context) -> Message:
     result = train_locally(peft_model, tokenizer, global_state, client.train, cfg,
                            seed=stable_seed(cfg.seed, server_round, client.name), freeze_lora_a=agg.freeze_lora_A,
                            mu=agg.proximal_mu)
+    residual = None
+    if cfg.error_feedback:
+        folder = Path(str(context.node_config.get("state-dir", "")) or Path(cfg.out_dir) / CLIENTS_DIR / client.name)
+        run = run_id(config_fingerprint(cfg))
+        residual = load_residual(folder, run=run, client=client.name, before_round=server_round)
     update = sparsify(result.state, global_state, agg.client_config, num_samples=len(client.train),
-                      round=server_round, client_id=client.name, base=state_digest(global_state))
+                      round=server_round, client_id=client.name, base=state_digest(global_state), residual=residual)
+    if update.residual is not None:
+        save_residual(folder, update.residual, run=run, client=client.name)
+        prune_residuals(folder, before_round=residual.round if residual is not None else server_round)
     content = RecordDict({
         UPDATE: bytes_record(encode(update)),
         METRICS: MetricRecord({"num-examples": len(client.train), "train-loss": result.loss,
