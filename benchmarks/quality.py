@@ -41,7 +41,7 @@ from pathlib import Path
 
 MiB = 2**20
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / "benchmarks" / "results"  # --results overrides it (the tests write elsewhere)
 
 
 # ---------------------------------------------------------------- the study file
@@ -311,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="1/1", help="i/n: run every n-th run from the i-th (parallel processes)")
     parser.add_argument("--only", default="", help="run only the runs whose key contains this text")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    parser.add_argument("--results", type=Path, default=None, help="report folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.results is not None:
+        global RESULTS
+        RESULTS = args.results
     data = load_study(args.study)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.threads:
