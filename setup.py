@@ -85,7 +85,7 @@ setup(
     packages=find_packages(include=["fedsrd_kernels", "fedsrd_kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # torch is deliberately unpinned: an installed build (CPU or CUDA) is respected.
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "zstandard>=0.22"],
     extras_require={

@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", type=Path, help="a study TOML under benchmarks/quality/")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the runs on disk")
     parser.add_argument("--shard", default="1/1", help="i/n: run every n-th run from the i-th (parallel processes)")
-    parser.add_argument("--only", default="", help="run only the runs whose key contains this text")
+    parser.add_argument("--only", default="", help="comma-separated texts: run only the runs whose key contains one, "
+                                                   "in the order of the texts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--results", type=Path, default=None, help="report folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
@@ -324,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not args.report:
         index, count = (int(x) for x in args.shard.split("/"))
-        todo = [r for i, r in enumerate(expand(data)) if i % count == index - 1 and args.only in r["key"]]
+        patterns = [p for p in args.only.split(",") if p] or [""]
+        todo = [r for i, r in enumerate(expand(data)) if i % count == index - 1
+                and any(p in r["key"] for p in patterns)]
+        todo.sort(key=lambda r: next(i for i, p in enumerate(patterns) if p in r["key"]))
         for number, run in enumerate(todo, 1):
             print(f"[quality] run {number}/{len(todo)}: {run['key']}", flush=True)
             run_one(data, run, log=lambda line: print(line[:400], flush=True))

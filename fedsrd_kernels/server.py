@@ -14,7 +14,7 @@ import torch
 from .baselines import METHODS, MethodSpec, fedavg_pair, flexlora_pair
 from .config import SparsifyConfig, check_probability, check_value_dtype
 from .decompose import DecomposeOptions, decompose, scheduled_factor
-from .errors import AggregationError, ConfigError, KeyMismatchError, ShapeMismatchError, StateError
+from .errors import AggregationError, ConfigError, KeyMismatchError, NonFiniteError, ShapeMismatchError, StateError
 from .kernels._backend import check_backend_name, resolve_backend
 from .kernels.decompose import weighted_mean
 from .kernels.philox import mask_key, seeded_keep_indices
@@ -187,7 +187,7 @@ class Aggregator:
                     f"{name}[{key!r}] has shape {sparse.shape}, global state has {tuple(global_state[key].shape)}"
                 )
             if sparse.values.numel() and not bool(torch.isfinite(sparse.values).all()):
-                raise StateError(f"{name}[{key!r}] holds NaN/Inf values")
+                raise NonFiniteError(f"{name}[{key!r}] holds NaN/Inf values")
             if self.freeze_lora_A and factor_of(key) == "A":
                 raise StateError(f"{name} changes {key!r}, but {self.method} freezes lora_A")
         return update
