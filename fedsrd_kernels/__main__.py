@@ -12,25 +12,61 @@ COMMANDS = {
 }
 
 
+# (flag, type, help) of the RunConfig fields the command line sets; the defaults are RunConfig's.
+_OPTIONS = (
+    ("rounds", int, "federated rounds"),
+    ("rank", int, "LoRA rank r"),
+    ("alpha", float, "LoRA alpha (scale alpha / r)"),
+    ("local-steps", int, "AdamW steps per client and round"),
+    ("batch-size", int, "sequences per local step"),
+    ("seq-len", int, "tokens per sequence"),
+    ("lr", float, "local learning rate (compare methods each at its own best: see BENCHMARKS.md)"),
+    ("max-grad-norm", float, "clip the local gradient to this norm; 0 = no clipping"),
+    ("lora-dropout", float, "dropout on the LoRA branch in local training"),
+    ("max-examples", int, "examples per domain client, held-out included"),
+    ("heldout-examples", int, "held-out examples per client"),
+    ("eval-every", int, "held-out loss every this many rounds (and after the last; round 0 always)"),
+    ("seed", int, "seed of the data split, the batches, the masks and LoRA's init"),
+    ("mu", float, "FedProx proximal coefficient (default: the method's)"),
+    ("participation", float, "fraction of clients sampled each round"),
+    ("download-drop", float, "DARE drop rate of the download (default: 0.8 for FedSRD, else 0)"),
+    ("norm-bound", float, "clip each update to this multiple of the round's median norm (default: off)"),
+    ("min-updates", int, "skip a round with fewer valid updates than this"),
+)
+
+
 def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
+    from .baselines import METHODS
+    from .runner.config import RunConfig
+
+    defaults = RunConfig()
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", help="TOML file ([run] table or top-level keys of RunConfig)")
+    methods = ", ".join(METHODS)
     if compare:
-        parser.add_argument("--methods", default="fedavg,fedsrd-e,fedsrd", help="comma-separated methods")
+        parser.add_argument("--methods", default="fedavg,fedsrd-e,fedsrd", help=f"comma-separated, from: {methods}")
     else:
-        parser.add_argument("--method")
-    parser.add_argument("--model", help='"tiny", a local HF folder or hub id; default: embedded SmolLM2-135M')
-    parser.add_argument("--domains", help="comma-separated: code,medical,math,finance")
-    parser.add_argument("--jsonl", action="append", default=[], metavar="NAME=PATH", help="an extra client")
-    for name, kind in (("rounds", int), ("rank", int), ("local-steps", int), ("batch-size", int),
-                       ("seq-len", int), ("max-examples", int), ("heldout-examples", int), ("seed", int),
-                       ("lr", float), ("alpha", float), ("mu", float), ("participation", float),
-                       ("download-drop", float), ("norm-bound", float), ("min-updates", int)):
-        parser.add_argument(f"--{name}", type=kind)
-    parser.add_argument("--out-dir")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--value-dtype", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--no-progress", action="store_true")
+        parser.add_argument("--method", help=f"one of: {methods} (default: {defaults.method})")
+    parser.add_argument("--model", help='"tiny", a local HF folder or hub id (default: embedded SmolLM2-135M)')
+    parser.add_argument("--domains", help=f"comma-separated (default: {','.join(defaults.domains)})")
+    parser.add_argument("--jsonl", action="append", default=[], metavar="NAME=PATH",
+                        help="an extra client from {\"text\"} or {\"instruction\", \"response\"} records")
+    for name, kind, text in _OPTIONS:
+        default = getattr(defaults, name.replace("-", "_"))
+        parser.add_argument(f"--{name}", type=kind, help=f"{text} (default: {default})")
+    for name, text in (("completion-only", "loss on the response tokens of instruction pairs only"),
+                       ("error-feedback", "carry what a client did not upload into its next round"),
+                       ("rescale", "L1 rescale of the sparse upload (default: on, off with error feedback)")):
+        default = getattr(defaults, name.replace("-", "_"))
+        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                            help=text if name == "rescale" else f"{text} (default: {default})")
+    parser.add_argument("--weighting", choices=("equal", "samples"),
+                        help=f"client weights: 1/m, or by sample count (default: {defaults.weighting})")
+    parser.add_argument("--out-dir", help=f"run folder (default: {defaults.out_dir})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    parser.add_argument("--value-dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the broadcast values (default: float32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -45,6 +81,8 @@ def _run_command(argv: list[str], compare: bool) -> int:
         key: value for key, value in vars(args).items()
         if key not in ("config", "methods", "jsonl", "domains", "no_progress") and value is not None
     }
+    if overrides.get("max_grad_norm") == 0:
+        overrides["max_grad_norm"] = None
     if args.domains is not None:
         overrides["domains"] = tuple(d for d in args.domains.split(",") if d)
     if args.jsonl:

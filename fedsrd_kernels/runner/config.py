@@ -28,7 +28,7 @@ class RunConfig:
     Training settings (the paper's scripts use all of them):
     completion_only: loss on the response tokens of instruction pairs only
             (plain texts keep the loss on every token), for training and held-out loss.
-    max_grad_norm: clip the local gradient to this norm (None = no clipping).
+    max_grad_norm: clip the local gradient to this norm (None or 0 = no clipping).
     lora_dropout: dropout on the LoRA branch during local training.
     weighting: "equal" (p_i = 1/m, the paper's) or "samples" (p_i = n_i / sum n).
     error_feedback, rescale: the upload's error feedback and L1 rescale (see
@@ -87,6 +87,8 @@ class RunConfig:
         for name in ("completion_only", "error_feedback") + (("rescale",) if self.rescale is not None else ()):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.max_grad_norm == 0 and not isinstance(self.max_grad_norm, bool):  # TOML has no null: 0 = off
+            object.__setattr__(self, "max_grad_norm", None)
         if self.max_grad_norm is not None and not (
                 isinstance(self.max_grad_norm, (int, float)) and not isinstance(self.max_grad_norm, bool)
                 and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
