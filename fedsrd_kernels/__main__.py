@@ -60,6 +60,9 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
         default = getattr(defaults, name.replace("-", "_"))
         parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                             help=text if name == "rescale" else f"{text} (default: {default})")
+    parser.add_argument("--rescale-space", choices=("params", "dw"),
+                        help="rescale the upload by L1 per matrix (the paper's code) or by the least-squares "
+                             f"scalar per pair in dW space (default: {defaults.rescale_space})")
     parser.add_argument("--weighting", choices=("equal", "samples"),
                         help=f"client weights: 1/m, or by sample count (default: {defaults.weighting})")
     parser.add_argument("--out-dir", help=f"run folder (default: {defaults.out_dir})")

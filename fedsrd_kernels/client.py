@@ -4,6 +4,7 @@ state (spec section 1, eq. 4-8), and densify an update back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -44,7 +45,7 @@ def sparsify_matrix(
         if kept.numel() == 0:
             return None
         return SparseTensor(delta.shape, flat[kept].to(value_dtype), kept, scale=1.0 / (1.0 - config.random_drop))
-    chosen = select_top(delta, scores, config.base, config.coeff, config.upper, config.rescale)
+    chosen = select_top(delta, scores, config.base, config.coeff, config.upper, _l1_rescale(config))
     if chosen is None or chosen[2] is None:
         return None
     kept, values, scale = chosen
@@ -106,7 +107,7 @@ def sparsify(
         grouped = sparsify_grouped(
             [(global_state[p.a_key], global_state[p.b_key], local_state[p.a_key], local_state[p.b_key])
              for p in layout.pairs],
-            base=config.base, coeff=config.coeff, upper=config.upper, rescale=config.rescale,
+            base=config.base, coeff=config.coeff, upper=config.upper, rescale=_l1_rescale(config),
             names=[p.prefix for p in layout.pairs], backend=backend,
         )
         value_dtype = check_value_dtype(config.value_dtype)
@@ -133,12 +134,41 @@ def sparsify(
         delta = local.to(torch.float32) - ref.to(torch.float32)
         if bool(delta.any()):
             deltas[key] = SparseTensor(delta.shape, delta.flatten())
+    if config.rescale and config.rescale_space == "dw" and config.selection in ("importance", "magnitude"):
+        deltas = _rescale_in_dw(deltas, layout.pairs, local_state, global_state)
     held_back = None
     if carried is not None:
         held_back = Residual({k: c - deltas[k].to_dense() if k in deltas else c.clone() for k, c in carried.items()},
                              client_id=client_id, round=round)
     return SparseUpdate(deltas=deltas, num_samples=num_samples, round=round, client_id=client_id, base=base,
                         residual=held_back)
+
+
+def _l1_rescale(config: SparsifyConfig) -> bool:
+    return bool(config.rescale) and config.rescale_space == "params"
+
+
+def _rescale_in_dw(deltas: dict[str, SparseTensor], pairs, local_state: StateDict,
+                   global_state: StateDict) -> dict[str, SparseTensor]:
+    """Give both kept deltas of each pair the scalar s = <R, T> / |R|^2 (SparsifyConfig.rescale_space "dw")."""
+    from .diagnostics import pair_fidelity  # diagnostics imports densify from here
+
+    out = dict(deltas)
+    for pair in pairs:
+        kept = [deltas.get(pair.b_key), deltas.get(pair.a_key)]
+        if all(k is None for k in kept):
+            continue
+        b_prev, a_prev = global_state[pair.b_key], global_state[pair.a_key]
+        rebuilt = [prev.to(torch.float64) + (k.to_dense(torch.float64) if k is not None else 0.0)
+                   for prev, k in zip((b_prev, a_prev), kept)]
+        fidelity = pair_fidelity(b_prev, a_prev, local_state[pair.b_key], local_state[pair.a_key], *rebuilt)
+        if fidelity.rebuilt_sq <= 0 or not math.isfinite(fidelity.dot / fidelity.rebuilt_sq):
+            continue
+        scale = fidelity.dot / fidelity.rebuilt_sq
+        for key, sparse in zip((pair.b_key, pair.a_key), kept):
+            if sparse is not None:
+                out[key] = SparseTensor(sparse.shape, sparse.values, sparse.indices, scale=sparse.scale * scale)
+    return out
 
 
 def corrected_deltas(

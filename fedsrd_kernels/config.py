@@ -15,6 +15,7 @@ from .errors import ConfigError
 
 Selection = Literal["importance", "magnitude", "random", "dense"]
 SELECTIONS: tuple[str, ...] = ("importance", "magnitude", "random", "dense")
+RESCALE_SPACES: tuple[str, ...] = ("params", "dw")
 
 # Wire dtypes for transmitted values, by name. fp32 is the default; bf16/fp16
 # halve the value bytes at the cost of ~3 / ~4 significant decimal digits.
@@ -62,6 +63,13 @@ class SparsifyConfig:
              before selection, so nothing is lost in the long run. Under Adam the
              L1 rescale multiplies the kept values by ~12-20 (a hidden step-size
              multiplier); error feedback needs no rescale, hence its default off.
+    rescale_space: where the rescale keeps the update's size (beyond the paper):
+             "params" (default): the paper's code, L1 per matrix, as above;
+             "dw": one least-squares scalar per LoRA pair in dW space,
+             s = <R, T> / |R|^2 with T = B_i A_i - B A the trained update and R the
+             one rebuilt from the kept values (first order: both kept deltas get s),
+             from 2r x 2r Grams. It undoes the loss of length along T without
+             blowing up what the kept entries add across it.
     value_dtype: dtype of the transmitted values ("float32", "bfloat16", "float16").
     seed: seed of the "random" selection; None draws from torch's global RNG.
     """
@@ -75,6 +83,7 @@ class SparsifyConfig:
     value_dtype: str = "float32"
     seed: int | None = None
     error_feedback: bool = False
+    rescale_space: Literal["params", "dw"] = "params"
 
     def __post_init__(self) -> None:
         for name in ("error_feedback",) + (("rescale",) if self.rescale is not None else ()):
@@ -82,6 +91,8 @@ class SparsifyConfig:
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.rescale is None:
             object.__setattr__(self, "rescale", not self.error_feedback)
+        if self.rescale_space not in RESCALE_SPACES:
+            raise ConfigError(f"rescale_space must be one of {RESCALE_SPACES}, got {self.rescale_space!r}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         check_probability("base", self.base, allow_one=True)

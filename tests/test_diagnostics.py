@@ -82,3 +82,36 @@ def test_summary_groups_by_module_kind_and_factor():
     summary = summarise(upload_diagnostics(global_state, local, fk.sparsify(local, global_state)))
     assert set(summary["matrices"]) == {"proj.A", "proj.B"} and set(summary["pairs"]) == {"proj"}
     assert 0 < summary["matrices"]["proj.A"]["kept_fraction"] < 1
+
+
+@pytest.mark.parametrize("selection", ["importance", "magnitude"])
+def test_dw_rescale_is_the_least_squares_scalar_of_each_pair(selection):
+    gen = torch.Generator().manual_seed(6)
+    global_state = lora_state(SHAPES, 4, gen=gen)
+    local = perturbed(global_state, 0.05, gen=gen)
+    plain = fk.sparsify(local, global_state, fk.SparsifyConfig(selection=selection, rescale=False))
+    dw = fk.sparsify(local, global_state, fk.SparsifyConfig(selection=selection, rescale_space="dw"))
+    for i, (d_out, d_in) in enumerate(SHAPES):
+        a_key, b_key = (f"base_model.model.layers.{i}.mlp.proj.lora_{f}.weight" for f in "AB")
+        b_prev, a_prev = global_state[b_key], global_state[a_key]
+        sent = fk.densify(plain)
+        b_kept = b_prev.double() + sent.get(b_key, torch.zeros(d_out, 4)).double()
+        a_kept = a_prev.double() + sent.get(a_key, torch.zeros(4, d_in)).double()
+        f = lambda t: t.detach().double().numpy()  # noqa: E731
+        true = f(local[b_key]) @ f(local[a_key]) - f(b_prev) @ f(a_prev)
+        rebuilt = f(b_kept) @ f(a_kept) - f(b_prev) @ f(a_prev)
+        want = float((rebuilt * true).sum() / (rebuilt * rebuilt).sum())
+        for key in (a_key, b_key):
+            if key in plain.deltas:
+                assert torch.equal(dw.deltas[key].values, plain.deltas[key].values)
+                # the scale is stored in float32: one rounding
+                assert dw.deltas[key].scale == pytest.approx(want, rel=2**-23)
+    # |R - T| / |T| from the diagnostics: the least-squares scalar beats no rescale and the L1 one
+    def error(update):
+        adapter = upload_diagnostics(global_state, local, update)["adapter"]
+        return math.hypot(adapter["along"] - 1.0, adapter["orthogonal"])
+
+    l1 = fk.sparsify(local, global_state, fk.SparsifyConfig(selection=selection))
+    assert error(dw) < error(plain) < error(l1)
+    with pytest.raises(fk.FedSRDError, match="rescale_space"):
+        fk.SparsifyConfig(rescale_space="l2")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..baselines import METHODS
-from ..config import SparsifyConfig
+from ..config import RESCALE_SPACES, SparsifyConfig
 from ..errors import ConfigError
 from ..server import WEIGHTINGS, Aggregator
 
@@ -31,8 +31,9 @@ class RunConfig:
     max_grad_norm: clip the local gradient to this norm (None or 0 = no clipping).
     lora_dropout: dropout on the LoRA branch during local training.
     weighting: "equal" (p_i = 1/m, the paper's) or "samples" (p_i = n_i / sum n).
-    error_feedback, rescale: the upload's error feedback and L1 rescale (see
-            SparsifyConfig); rescale None = on, except with error feedback.
+    error_feedback, rescale, rescale_space: the upload's error feedback and
+            rescale (see SparsifyConfig); rescale None = on, except with error
+            feedback; rescale_space "params" (L1 per matrix, the paper's code) or "dw".
     eval_every: held-out loss every this many rounds (and after the last); the
             base adapter's loss (round 0) is always measured once.
 
@@ -61,6 +62,7 @@ class RunConfig:
     weighting: str = "equal"
     error_feedback: bool = False
     rescale: bool | None = None
+    rescale_space: str = "params"
     eval_every: int = 1
     mu: float | None = None
     participation: float = 1.0
@@ -96,6 +98,8 @@ class RunConfig:
         if isinstance(self.lora_dropout, bool) or not (isinstance(self.lora_dropout, (int, float))
                                                        and 0 <= self.lora_dropout < 1):
             raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.rescale_space not in RESCALE_SPACES:
+            raise ConfigError(f"rescale_space must be one of {RESCALE_SPACES}, got {self.rescale_space!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.norm_bound is not None and not (isinstance(self.norm_bound, (int, float)) and
@@ -137,7 +141,7 @@ class RunConfig:
     def upload_config(self) -> SparsifyConfig:
         """How this run's clients sparsify their uploads."""
         return SparsifyConfig(selection=METHODS[self.method].selection, error_feedback=self.error_feedback,
-                              rescale=self.rescale)
+                              rescale=self.rescale, rescale_space=self.rescale_space)
 
     def aggregator(self) -> Aggregator:
         """The run's Aggregator: the one place the runner and the Flower apps build it from."""

@@ -145,6 +145,19 @@ class ServerState:
         return result
 
 
+def fingerprint_differences(saved: str, current: str) -> list[str]:
+    """The config fields in which a saved run and this one differ.
+
+    A field the saved run does not name was added to RunConfig after it was
+    saved; it ran with that field's default behaviour, so the field may be
+    missing there as long as this run keeps the default.
+    """
+    old, new = json.loads(saved), json.loads(current)
+    defaults = json.loads(config_fingerprint(RunConfig()))
+    return sorted(k for k in old.keys() | new.keys()
+                  if (old[k] != new.get(k) if k in old else new[k] != defaults.get(k)))
+
+
 def stable_seed(*parts) -> int:
     """A seed from its parts that is the same in every process (str hashes are salted per process)."""
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
@@ -164,9 +177,10 @@ def resume_state(out: Path, cfg: RunConfig, initial: dict[str, torch.Tensor], lo
     if not path.exists():
         return ServerState(0, initial, [], fingerprint)
     saved = ServerState.load(path)
-    if saved.fingerprint != fingerprint:
+    differing = fingerprint_differences(saved.fingerprint, fingerprint)
+    if differing:
         raise ConfigError(f"{out} holds a run with another config ({saved.fingerprint}); this run has "
-                          f"{fingerprint}: use another out_dir")
+                          f"{fingerprint}; they differ in {differing}: use another out_dir")
     if saved.global_state.keys() != initial.keys():
         raise StateError(f"{out}: the saved adapter's keys differ from the model's")
     log(f"resuming {cfg.method} after round {saved.round} from {out}")
