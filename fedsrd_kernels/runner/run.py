@@ -75,6 +75,12 @@ def run(cfg: RunConfig, *, log=print, show_progress: bool = True) -> list[dict]:
     return records
 
 
+def _base_heldout(out: Path) -> dict[str, float] | None:
+    """The base model's held-out loss (round 0) a run folder's progress.json keeps."""
+    progress = out / "progress.json"
+    return json.loads(progress.read_text()).get("base_heldout") if progress.exists() else None
+
+
 def compare(cfg: RunConfig, methods: list[str], *, log=print, show_progress: bool = True) -> dict[str, list[dict]]:
     """Several methods, same seed, data and steps; one run folder each under ``cfg.out_dir``."""
     results = {}
@@ -86,10 +92,13 @@ def compare(cfg: RunConfig, methods: list[str], *, log=print, show_progress: boo
 
 
 def _write_summary(results: dict[str, list[dict]], out: Path, log) -> None:
-    table = format_table(summary_rows(results))
+    single = len(results) == 1 and (out / "progress.json").exists()
+    bases = {m: _base_heldout(out if single else out / m) for m in results}
+    rows = summary_rows(results, bases)
+    table = format_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.txt").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(summary_rows(results), indent=1))
-    plot = plot_loss_vs_traffic(results, out / "loss_vs_mb.png")
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    plot = plot_loss_vs_traffic(results, out / "loss_vs_mb.png", bases)
     log(table)
     log(f"plot: {plot}")
