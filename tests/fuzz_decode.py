@@ -408,8 +408,10 @@ class Container:
         meta = metadata_of(data)
         if meta is None:
             return None
+        from fedsrd_kernels.wire import unseal
+
         try:
-            blobs = {name: bytes(view["data"]) for name, view in safetensors.deserialize(data)}
+            blobs = {name: bytes(view["data"]) for name, view in safetensors.deserialize(unseal(data))}
         except Exception:
             return None
         return cls(meta, blobs, size_budget)
@@ -419,6 +421,7 @@ class Container:
         return [e for e in tensors if isinstance(e, dict)] if isinstance(tensors, list) else []
 
     def serialize(self) -> bytes:
+        from fedsrd_kernels.wire import seal
         from tests.test_wire import build
 
         if not self.blob_dtypes:
@@ -427,7 +430,7 @@ class Container:
         for name, blob in self.blobs.items():
             dtype = np.dtype(self.blob_dtypes.get(name, "u1"))
             arrays[name] = np.frombuffer(blob[: len(blob) - len(blob) % dtype.itemsize], dtype=dtype)
-        return safetensors.numpy.save(arrays, metadata=self.raw_metadata or {"fedsrd": json.dumps(self.meta)})
+        return seal(safetensors.numpy.save(arrays, metadata=self.raw_metadata or {"fedsrd": json.dumps(self.meta)}))
 
 
 def _numel(entry: dict) -> int:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from fedsrd_kernels.errors import FormatVersionError, NonFiniteError, PayloadError, StateError
 from fedsrd_kernels.kernels.philox import seeded_keep_indices
 from fedsrd_kernels.updates import Broadcast, SparseTensor, SparseUpdate
-from fedsrd_kernels.wire import CommCost, comm_cost, decode, encode
+from fedsrd_kernels.wire import CommCost, comm_cost, decode, encode, seal, unseal
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((1, 1), (1, 37), (37, 1), (0, 5), (5, 0), (3, 7), (13, 61), (64, 77), (4999,), (50, 100), ())
@@ -167,7 +167,7 @@ def test_position_encoding_is_the_smaller_one(density, expected):
     payload = encode(SparseUpdate({"k": sparse}))
     chosen = header_of(payload)["tensors"][0]["positions"]
     assert chosen.startswith(expected)
-    blob = dict(safetensors.deserialize(payload))["0.positions"]["data"]
+    blob = dict(safetensors.deserialize(unseal(payload)))["0.positions"]["data"]
     mask = np.zeros(numel, dtype=bool)
     mask[sparse.indices.numpy()] = True
     bitmap = zstd_frame(np.packbits(mask))
@@ -236,12 +236,12 @@ def zstd_frame(data, **kwargs) -> bytes:
 
 
 def split(payload: bytes) -> tuple[dict, dict[str, bytes]]:
-    return header_of(payload), {name: view["data"] for name, view in safetensors.deserialize(payload)}
+    return header_of(payload), {name: view["data"] for name, view in safetensors.deserialize(unseal(payload))}
 
 
 def build(meta, blobs: dict[str, bytes], raw_metadata: dict[str, str] | None = None) -> bytes:
     arrays = {name: np.frombuffer(blob, dtype=np.uint8) for name, blob in blobs.items()}
-    return safetensors.numpy.save(arrays, metadata=raw_metadata or {"fedsrd": json.dumps(meta)})
+    return seal(safetensors.numpy.save(arrays, metadata=raw_metadata or {"fedsrd": json.dumps(meta)}))
 
 
 def sample_update() -> SparseUpdate:
@@ -323,9 +323,41 @@ def set_field(field, value, entry=None):
 
 
 def test_unknown_format_or_version_is_a_format_version_error():
-    for edit in (set_field("version", 1), set_field("version", 3), set_field("format", "other"), set_field("version", "2")):
+    for edit in (set_field("version", 2), set_field("version", 4), set_field("format", "other"), set_field("version", "3")):
         with pytest.raises(FormatVersionError):
             decode(edited(sample_update, edit))
+
+
+def test_an_old_untagged_payload_names_its_version():
+    meta, blobs = split(encode(sample_update()))
+    meta["version"] = 2
+    old = unseal(build(meta, blobs))  # as version 2 wrote it: no tag
+    with pytest.raises(FormatVersionError, match="version 2"):
+        decode(old)
+
+
+@pytest.mark.parametrize("sample", ["update", "broadcast"])
+def test_no_flip_or_truncation_decodes_to_another_object(sample):
+    """10,000 random corruptions (1 to 8 flipped bits, or a cut) of a real payload: every one is refused."""
+    payload = encode(sample_update() if sample == "update" else sample_broadcast())
+    rng = np.random.default_rng(20261201)
+    data = np.frombuffer(payload, dtype=np.uint8)
+    refused = 0
+    for trial in range(5000):
+        if trial % 10 == 9:
+            corrupt = payload[: int(rng.integers(0, len(payload)))]
+        else:
+            flipped = data.copy()
+            for _ in range(int(rng.integers(1, 9))):
+                position = int(rng.integers(0, len(payload) * 8))
+                flipped[position // 8] ^= np.uint8(1 << (position % 8))
+            corrupt = flipped.tobytes()
+            if corrupt == payload:  # an even number of flips of one bit
+                continue
+        with pytest.raises(PayloadError):
+            decode(corrupt)
+        refused += 1
+    assert refused > 4900
 
 
 def test_bad_json_and_foreign_containers():
@@ -335,8 +367,10 @@ def test_bad_json_and_foreign_containers():
                 {"fedsrd": json.dumps(header_of(encode(sample_update()))), "extra": "x"}):
         with pytest.raises(PayloadError):
             decode(build(None, blobs, raw_metadata=raw))
-    with pytest.raises(PayloadError):
-        decode(safetensors.numpy.save({"w": np.zeros(3, dtype=np.float32)}))
+    foreign = safetensors.numpy.save({"w": np.zeros(3, dtype=np.float32)})
+    for payload in (foreign, seal(foreign)):
+        with pytest.raises(PayloadError):
+            decode(payload)
     for not_bytes in (None, "text", [1, 2]):
         with pytest.raises(PayloadError):
             decode(not_bytes)
