@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .baselines import METHODS, MethodSpec, fedavg_pair, flexlora_pair
@@ -362,17 +364,29 @@ def bound_norms(global_state: StateDict, updates: list[SparseUpdate], pairs: Seq
 
 
 def normalised_weights(weights: Sequence[float] | None, count: int) -> torch.Tensor:
-    """p_i = w_i / sum w (float64); None gives 1/m each."""
+    """p_i = w_i / sum w (float64); None gives 1/m each.
+
+    Weights are real numbers (not booleans), finite, >= 0 and not all zero. They are
+    divided by the largest first, so the sum cannot overflow: [1e308, 1e308] gives
+    [0.5, 0.5] (their plain sum is inf, and the weights became [0, 0]).
+    """
     if weights is None:
         return torch.full((count,), 1.0 / count, dtype=torch.float64)
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise AggregationError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
+    values = list(weights)
+    for i, x in enumerate(values):
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+            raise AggregationError(f"weights[{i}] must be a real number, got {x!r} ({type(x).__name__})")
     try:
-        w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
-    except (TypeError, ValueError) as exc:
-        raise AggregationError(f"weights must be numbers, got {weights!r}") from exc
+        w = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    except OverflowError as exc:  # an int past float64's range
+        raise AggregationError(f"weights must be finite float64 numbers: {exc}") from None
     if w.numel() != count:
         raise AggregationError(f"got {w.numel()} weights for {count} updates")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise AggregationError(f"weights must be finite, >= 0 and not all zero, got {weights!r}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
+        raise AggregationError(f"weights must be finite, >= 0 and not all zero, got {values!r}")
+    w = w / w.max()
     return w / w.sum()
 
 

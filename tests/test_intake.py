@@ -39,8 +39,8 @@ def bad_submissions(g, base, good):
     shape = good.deltas[key].shape
     wrong_shape = SparseTensor((shape[0] + 1, *shape[1:]), torch.ones(1), torch.tensor([0]))
     other_base = fk.state_digest({k: v + 1 for k, v in g.items()})
-    yield "garbage", b"\x00" * 64, "safetensors"
-    yield "truncated", fk.encode(good)[:-9], "safetensors"
+    yield "garbage", b"\x00" * 64, "checksum mismatch"
+    yield "truncated", fk.encode(good)[:-9], "checksum mismatch"
     yield "broadcast", fk.encode(fk.Broadcast(ROUND, "fedsrd", 0, 0.0)), "not a SparseUpdate"
     yield "nan", with_values(good, float("nan")), "NaN"
     yield "inf", with_values(good, float("inf")), "NaN/Inf"
@@ -133,7 +133,7 @@ def test_runner_logs_rejections_and_skips_a_round_whole(tmp_path):
     records = federate(peft_model, tokenizer, clients, cfg, log=lines.append, show_progress=False,
                        intercept=lambda r, n, p: intercept(r, n, p) if r < 3 else p)
     first, second, third = records
-    assert first["accepted"] == ["alpha"] and "safetensors" in first["rejected"]["beta"]
+    assert first["accepted"] == ["alpha"] and "checksum mismatch" in first["rejected"]["beta"]
     assert "made against base 000000000000" in second["rejected"]["beta"]
     for record in (first, second):  # skipped whole: the global adapter did not move at all
         assert "fewer than min_updates=2" in record["skipped"] and record["download_bytes"] == 0
