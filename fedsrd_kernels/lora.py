@@ -73,6 +73,8 @@ def check_tensor(name: str, key: str, value: object, *, finite: bool = True) -> 
     """Return ``value`` if it is a tensor (finite, when floating); else raise naming it."""
     if not isinstance(value, torch.Tensor):
         raise StateError(f"{name}[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type not in ("cpu", "cuda"):
+        raise StateError(f"{name}[{key!r}] is on {value.device}: only CPU and CUDA tensors hold data")
     if finite and value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         raise NonFiniteError(f"{name}[{key!r}] holds {bad} NaN/Inf value(s)")
@@ -127,6 +129,8 @@ def lora_layout(state: StateDict, name: str = "state") -> LoraLayout:
 def check_state(state: StateDict, name: str = "state") -> LoraLayout:
     """Validate a whole state dict: tensors only, finite values, paired factors."""
     layout = lora_layout(state, name)
+    if not state:
+        raise StateError(f"{name} is empty: no LoRA pairs and no other keys")
     for key, value in state.items():
         check_tensor(name, key, value)
     return layout

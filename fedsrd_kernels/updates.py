@@ -16,6 +16,21 @@ import torch
 
 from .errors import ShapeMismatchError, StateError
 
+SUPPORTED_DEVICES = ("cpu", "cuda")  # meta tensors hold no values; other devices are untested
+
+
+def check_positions(indices: object, numel: int, device: torch.device) -> None:
+    """Flat positions must be a 1-D integer tensor, strictly increasing (so unique) within [0, numel)."""
+    if not isinstance(indices, torch.Tensor):
+        raise StateError(f"SparseTensor indices must be a tensor, got {type(indices).__name__}")
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise StateError(f"SparseTensor indices must be 1-D int64, got {indices.dim()}-D {indices.dtype}")
+    if indices.device != device:
+        raise StateError(f"SparseTensor indices are on {indices.device}, values on {device}")
+    if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= numel
+                            or not bool((indices[1:] > indices[:-1]).all())):  # compared: a difference can wrap
+        raise StateError(f"SparseTensor indices must be strictly increasing within [0, {numel})")
+
 
 @dataclass(frozen=True, eq=False)
 class SparseTensor:
@@ -23,8 +38,9 @@ class SparseTensor:
 
     shape:   shape of the dense tensor.
     values:  1-D kept values in their wire dtype (float32, bfloat16 or float16).
-    indices: sorted, unique int64 flat positions (row-major), one per value;
-             None means dense: ``values`` holds every element in order.
+    indices: sorted, unique int64 flat positions (row-major), one per value,
+             checked at construction; None means dense: ``values`` holds every
+             element in order.
     scale:   multiplier applied in float32 when densifying; a float32 value.
     """
 
@@ -37,8 +53,15 @@ class SparseTensor:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if any(s < 0 for s in self.shape):
             raise ShapeMismatchError(f"SparseTensor shape must be non-negative, got {self.shape}")
+        if not isinstance(self.values, torch.Tensor) or not self.values.is_floating_point():
+            what = self.values.dtype if isinstance(self.values, torch.Tensor) else type(self.values).__name__
+            raise ShapeMismatchError(f"SparseTensor values must be a floating tensor, got {what}")
+        if self.values.device.type not in SUPPORTED_DEVICES:
+            raise StateError(f"SparseTensor values are on {self.values.device}: only CPU and CUDA tensors hold data")
         if self.values.dim() != 1:
             raise ShapeMismatchError(f"SparseTensor values must be 1-D, got {tuple(self.values.shape)}")
+        if self.indices is not None:
+            check_positions(self.indices, self.numel, self.values.device)
         expected = self.numel if self.indices is None else self.indices.numel()
         if self.values.numel() != expected:
             raise ShapeMismatchError(

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from fedsrd_kernels.errors import ShapeMismatchError  # noqa: E402
+from fedsrd_kernels.errors import ShapeMismatchError, StateError  # noqa: E402
 from fedsrd_kernels.kernels.reconstruct import stack_client_factors  # noqa: E402
 from fedsrd_kernels.kernels.reconstruct_triton import stack_client_factors_triton  # noqa: E402
 from fedsrd_kernels.updates import SparseTensor  # noqa: E402
@@ -118,10 +118,8 @@ def test_rejects_bad_inputs():
     good = SparseTensor((3, 4), torch.ones(2), torch.tensor([0, 5]))
     with pytest.raises(ShapeMismatchError, match="shape"):
         stack_client_factors_triton(base, [SparseTensor((4, 3), torch.ones(12))], [1.0], factor="A")
-    with pytest.raises(ShapeMismatchError, match="span"):
-        stack_client_factors_triton(
-            base, [SparseTensor((3, 4), torch.ones(2), torch.tensor([0, 12]))], [1.0], factor="B"
-        )
+    with pytest.raises(StateError, match="within"):  # positions past the matrix: refused when the tensor is built
+        SparseTensor((3, 4), torch.ones(2), torch.tensor([0, 12]))
     with pytest.raises(ShapeMismatchError, match="root weights"):
         stack_client_factors_triton(base, [good], [1.0, 1.0], factor="B")
     with pytest.raises(ValueError, match="factor"):

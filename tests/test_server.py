@@ -1,5 +1,7 @@
 """Server eq. 9-13 + DARE against the dense float64 oracle; baselines; edge cases."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -214,7 +216,9 @@ def test_fed_dare_and_table7_plugins_upload_sparse_and_average():
     locals_ = clients(g, 2, seed=22)
     for method, max_density in (("fed-dare", 0.15), ("fedavg-magnitude", 0.16), ("fedavg-importance", 0.16)):
         agg = fk.Aggregator(method)
-        ups = [fk.sparsify(c, g, agg.client_config) for c in locals_]
+        # seeded: with torch's global RNG the 10% random keep of a 160-element matrix passed 15% now and then
+        upload = dataclasses.replace(agg.client_config, seed=25)
+        ups = [fk.sparsify(c, g, upload) for c in locals_]
         for up in ups:
             for sparse in up.deltas.values():
                 assert 0 < sparse.nnz / sparse.numel <= max_density, method

@@ -205,10 +205,12 @@ def test_encode_rejects_non_finite_values(bad):
     "indices",
     [[3, 1], [1, 1], [0, 4], [-1, 2], [0, 2**63 - 1, -2, 3], torch.tensor([0, 1], dtype=torch.int32)],
 )
-def test_encode_rejects_bad_indices(indices):
+def test_bad_indices_are_refused_when_the_sparse_tensor_is_built(indices):
+    """Out of range, repeated, unsorted, negative, wrapping or not int64: refused at construction, so no
+    in-memory SparseTensor can carry them into aggregate, densify or apply."""
     indices = indices if isinstance(indices, torch.Tensor) else torch.tensor(indices)
-    with pytest.raises(StateError, match="'k'"):
-        encode(SparseUpdate({"k": SparseTensor((2, 2), torch.ones(indices.numel()), indices)}))
+    with pytest.raises(StateError, match="strictly increasing|int64"):
+        SparseTensor((2, 2), torch.ones(indices.numel()), indices)
 
 
 def test_encode_rejects_other_bad_objects():
