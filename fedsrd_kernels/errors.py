@@ -33,6 +33,10 @@ class NonFiniteError(StateError):
     """A tensor holds NaN or Inf."""
 
 
+class BaseMismatchError(StateError):
+    """A Broadcast was made for another global state (or was already applied to this one)."""
+
+
 class AggregationError(FedSRDError, ValueError):
     """The server cannot aggregate this set of updates (none given, bad weights, wrong round)."""
 

@@ -144,7 +144,8 @@ def run_round(
     if len(accepted) < min_updates:
         why = f"{len(accepted)} valid update(s) of {len(submissions)}, fewer than min_updates={min_updates}"
         return RoundOutcome(round, None, senders, updates, rejected, skipped=why)
-    broadcast = aggregator.aggregate(global_state, list(updates), weights=[w for _, _, w in accepted], round=round)
+    broadcast = aggregator.aggregate(global_state, list(updates), weights=[w for _, _, w in accepted], round=round,
+                                     base=base)
     return RoundOutcome(round, broadcast, senders, updates, rejected, report=aggregator.last_report)
 
 

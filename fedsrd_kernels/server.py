@@ -16,11 +16,19 @@ import torch
 from .baselines import METHODS, MethodSpec, fedavg_pair, flexlora_pair
 from .config import SparsifyConfig, check_probability, check_value_dtype
 from .decompose import DecomposeOptions, decompose, scheduled_factor
-from .errors import AggregationError, ConfigError, KeyMismatchError, NonFiniteError, ShapeMismatchError, StateError
+from .errors import (
+    AggregationError,
+    BaseMismatchError,
+    ConfigError,
+    KeyMismatchError,
+    NonFiniteError,
+    ShapeMismatchError,
+    StateError,
+)
 from .kernels._backend import check_backend_name, resolve_backend
 from .kernels.decompose import weighted_mean
 from .kernels.philox import mask_key, seeded_keep_indices
-from .lora import LORA_A_SUFFIX, LoraPair, StateDict, check_state, factor_of
+from .lora import LORA_A_SUFFIX, LoraPair, StateDict, check_state, factor_of, state_digest
 from .updates import Broadcast, SparseTensor, SparseUpdate
 
 logger = logging.getLogger(__name__)
@@ -216,11 +224,16 @@ class Aggregator:
         updates: Sequence[SparseUpdate],
         weights: Sequence[float] | None = None,
         round: int = 1,
+        base: str | None = None,
     ) -> Broadcast:
         """One round of server work: client updates in, the round's Broadcast out.
 
         ``weights`` are sample counts (normalised here); None weighs clients
-        equally. ``round`` counts from 1. Nothing passed in is modified.
+        equally. ``round`` counts from 1. ``base`` is the ``state_digest`` of
+        ``global_state`` when the caller has it (else it is taken here); the
+        Broadcast carries it, and ``apply`` refuses it on any other state. A
+        result that is not finite (updates of 3e38 that overflow float32 when
+        averaged) raises NonFiniteError naming the key. Nothing passed in is modified.
         """
         pairs, p = self._check_inputs(global_state, updates, weights, round)
         deltas: dict[str, SparseTensor] = {}
@@ -274,6 +287,7 @@ class Aggregator:
             if any(d is not None for d in others):
                 mean = weighted_mean(others, p, tuple(global_state[key].shape))
                 deltas[key] = SparseTensor(mean.shape, mean.flatten().to(torch.float32))
+        check_finite_changes(deltas, replace, "the aggregate")
         self.last_report = report
         return Broadcast(
             round=round,
@@ -284,6 +298,7 @@ class Aggregator:
             replace=replace,
             moved=dict(report.moved),
             seeded=frozenset(seeded),
+            base=state_digest(global_state) if base is None else base,
         )
 
     def stream(self, global_state: StateDict, round: int = 1, **options):
@@ -390,8 +405,26 @@ def normalised_weights(weights: Sequence[float] | None, count: int) -> torch.Ten
     return w / w.sum()
 
 
-def apply(global_state: StateDict, broadcast: Broadcast, *, backend: str | None = None) -> dict[str, torch.Tensor]:
+def check_finite_changes(deltas: Mapping[str, SparseTensor], replace: Mapping[str, torch.Tensor], what: str) -> None:
+    """NonFiniteError naming the first key whose values, scaled in float32 as densify scales them, are not finite."""
+    for key, sparse in deltas.items():
+        scaled = sparse.values.to(torch.float32) * sparse.scale if sparse.scale != 1.0 else sparse.values
+        if scaled.numel() and not bool(torch.isfinite(scaled).all()):
+            raise NonFiniteError(f"{what} of {key!r} is not finite (it overflows float32)")
+    for key, value in replace.items():
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"{what} replaces {key!r} with values that are not finite")
+
+
+def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = None,
+          backend: str | None = None) -> dict[str, torch.Tensor]:
     """The next global state: deltas added, replacements set, other keys untouched.
+
+    A Broadcast that names its base (``Broadcast.base``) applies only to the state
+    with that digest: ``base`` is the caller's ``state_digest(global_state)`` when
+    it holds one (else it is taken here, about 1 GB/s). On another state, or on
+    the state it already moved, it raises BaseMismatchError. A result that would
+    hold NaN or Inf raises NonFiniteError naming the key. Either way nothing changes.
 
     Server and clients run this same function on the same Broadcast, so they
     hold bit-identical states (every backend gives the same bits: the Triton
@@ -415,6 +448,12 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, backend: str | None 
     for prefix in broadcast.moved:
         if prefix + LORA_A_SUFFIX not in global_state:
             raise KeyMismatchError(f"broadcast moves {prefix!r}, which the global state lacks")
+    if broadcast.base is not None:
+        held = state_digest(global_state) if base is None else base
+        if held != broadcast.base:
+            raise BaseMismatchError(
+                f"the round-{broadcast.round} broadcast was made for the global {broadcast.base[:12]}..., this "
+                f"state is {held[:12]}... (another model or round, or the broadcast was already applied)")
     new_state = dict(global_state)
     for key, sparse in broadcast.deltas.items():
         old = global_state[key]
@@ -435,6 +474,10 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, backend: str | None 
     for key, value in broadcast.replace.items():
         old = global_state[key]
         new_state[key] = value.to(device=old.device, dtype=old.dtype).clone()
+    for key in changes:
+        if not bool(torch.isfinite(new_state[key]).all()):
+            raise NonFiniteError(f"applying the round-{broadcast.round} broadcast makes {key!r} non-finite; "
+                                 "the state is left as it was")
     return new_state
 
 

@@ -30,8 +30,8 @@ from .decompose import FLOAT, plan_moves, projection_rtols, range_generator, sch
 from .errors import AggregationError, ConfigError
 from .kernels.factored import gram_pinv, mT, project_core, svqb, truncate_core
 from .kernels.reconstruct import scatter_delta
-from .lora import LoraPair, StateDict
-from .server import AggregationReport
+from .lora import LoraPair, StateDict, state_digest
+from .server import AggregationReport, check_finite_changes
 from .updates import Broadcast, SparseTensor, SparseUpdate
 
 
@@ -55,13 +55,14 @@ class RoundStream:
     """One round of streaming aggregation; build it with ``Aggregator.stream``."""
 
     def __init__(self, aggregator, global_state: StateDict, round: int, *, sketch_oversample: int = 16,
-                 probes: int = 8) -> None:
+                 probes: int = 8, base: str | None = None) -> None:
         if aggregator.spec.server == "flexlora":
             raise ConfigError("flexlora has no streaming form; aggregate a list of updates instead")
         if aggregator.norm_bound is not None:
             raise ConfigError("norm_bound clips to the round's median norm, which a stream does not know before "
                               "its end; aggregate a list of updates instead")
         self._agg = aggregator
+        self._base = base  # the state_digest of global_state, when the caller has it
         self._pairs = aggregator.check_round_inputs(global_state, round)
         self._global = global_state
         self._round = round
@@ -181,9 +182,11 @@ class RoundStream:
         for key in sorted(self._other_touched):
             mean = (self._other[key] / self._total_weight).to(torch.float32)
             deltas[key] = SparseTensor(tuple(mean.shape), mean.flatten())
+        check_finite_changes(deltas, {}, "the streamed aggregate")
         agg.last_report = report
         return Broadcast(round=self._round, method=agg.method, seed=agg.seed, download_drop=agg.download_drop,
-                         deltas=deltas, moved=dict(report.moved), seeded=frozenset(seeded))
+                         deltas=deltas, moved=dict(report.moved), seeded=frozenset(seeded),
+                         base=state_digest(self._global) if self._base is None else self._base)
 
     def _finish_group(self, group: _Group, out: dict[str, torch.Tensor], report) -> None:
         s = self._total_weight

@@ -151,6 +151,8 @@ class Broadcast:
     deltas:  added to the global state (FedSRD: the moved factor, DARE-sparsified).
     replace: new values that overwrite a key (FlexLoRA's dense B and A).
     moved:   LoRA prefix -> which factor this round changed: "A", "B" or "AB".
+    base:    the ``lora.state_digest`` of the global state it applies to; ``apply``
+             refuses it on any other state, which also stops it being applied twice.
     seeded:  keys of ``deltas`` whose positions follow from the seeded download
              mask (seed, round, key, download_drop); the wire carries no positions
              for them.
@@ -164,3 +166,4 @@ class Broadcast:
     replace: Mapping[str, torch.Tensor] = field(default_factory=dict)
     moved: Mapping[str, str] = field(default_factory=dict)
     seeded: frozenset[str] = frozenset()
+    base: str | None = None

@@ -51,7 +51,8 @@ from .updates import Broadcast, SparseTensor, SparseUpdate
 
 FORMAT_NAME = "fedsrd-wire"
 # 2: updates carry "base", the digest of the global state they were made against;
-# 3: every payload ends with a BLAKE2b tag of the bytes before it (seal / unseal)
+# 3: every payload ends with a BLAKE2b tag of the bytes before it (seal / unseal), and a broadcast
+#    carries "base", the digest of the global state it applies to
 FORMAT_VERSION = 3
 TAG_BYTES = 16
 _TAG_PERSON = b"fedsrd-wire-v3"  # domain separation: not the digest of any other use of BLAKE2b
@@ -59,6 +60,7 @@ METADATA_KEY = "fedsrd"
 MAX_NUMEL = 2**34  # declared elements per payload (all tensors together); also the Philox mask limit
 MAX_DIMS = 64  # numpy's limit; it keeps math.prod(shape) cheap (100k dims of 2**34 took 8.5 s of CPU)
 ZSTD_LEVEL = 3
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MiB = 2**20
 
 _DTYPE_NAMES = {dtype: name for name, dtype in VALUE_DTYPES.items()}
@@ -67,7 +69,7 @@ _POSITIONS = ("dense", "seeded", "bitmap", *_GAP_DTYPES)
 _FIELDS = {
     "update": {"format", "version", "kind", "round", "num_samples", "client_id", "base", "tensors"},
     "broadcast": {"format", "version", "kind", "round", "method", "seed", "download_drop", "moved", "seeded",
-                  "tensors"},
+                  "base", "tensors"},
 }
 _ENTRY_FIELDS = {"key", "group", "shape", "dtype", "nnz", "positions", "scale"}
 
@@ -98,6 +100,12 @@ class CommCost:
     def paper_mib(self) -> float:
         """The paper's "MB" are MiB: FedAvg's 742 MB = 2 x 97,255,424 x 4 bytes / 2**20."""
         return self.paper_bytes / MiB
+
+
+def scaled_overflow(values: torch.Tensor, scale: float) -> bool:
+    """Whether some value times ``scale`` is past float32's range: densify multiplies in float32, and such
+    values would write Inf into every state that applies them (1e30 x 1e10 did)."""
+    return bool(values.numel()) and float(values.abs().max()) * abs(scale) > FLOAT32_MAX
 
 
 def _tag(body: bytes) -> bytes:
@@ -136,16 +144,16 @@ def _check_fields(meta: dict, error: type[Exception]) -> None:
     def bad(name: str, want: str) -> None:
         raise error(f"field {name!r} must be {want}, got {meta[name]!r}")
 
+    base = meta["base"]
+    if base is not None and not (isinstance(base, str) and len(base) == DIGEST_HEX_CHARS
+                                 and all(c in "0123456789abcdef" for c in base)):
+        bad("base", f"{DIGEST_HEX_CHARS} lowercase hex chars or None")
     if meta["kind"] == "update":
         for name in ("round", "num_samples"):
             if meta[name] is not None and not _is_count(meta[name]):
                 bad(name, "an int in [0, 2**64) or None")
         if meta["client_id"] is not None and not isinstance(meta["client_id"], str):
             bad("client_id", "a str or None")
-        base = meta["base"]
-        if base is not None and not (isinstance(base, str) and len(base) == DIGEST_HEX_CHARS
-                                     and all(c in "0123456789abcdef" for c in base)):
-            bad("base", f"{DIGEST_HEX_CHARS} lowercase hex chars or None")
         return
     for name in ("round", "seed"):
         if not _is_count(meta[name]):
@@ -279,6 +287,8 @@ def _encode_tensor(meta: dict, group: str, key: str, sparse: SparseTensor, blobs
     numel = _check_entry(entry, meta["kind"], StateError)  # before anything sized by numel
     if not bool(torch.isfinite(values).all()):
         raise NonFiniteError(f"tensor {key!r} holds NaN or Inf values")
+    if scaled_overflow(values, sparse.scale):
+        raise NonFiniteError(f"tensor {key!r}: values x scale {sparse.scale:.3g} overflow float32")
     if seeded and positions == "dense":
         raise StateError(f"tensor {key!r} is seeded but dense")
     if positions != "dense":
@@ -304,7 +314,8 @@ def _encode_parts(obj: SparseUpdate | Broadcast) -> tuple[bytes, int, int, int]:
         items = [("delta", k, v) for k, v in obj.deltas.items()]
     elif isinstance(obj, Broadcast):
         meta = {"kind": "broadcast", "round": obj.round, "method": obj.method, "seed": obj.seed,
-                "download_drop": obj.download_drop, "moved": dict(obj.moved), "seeded": sorted(obj.seeded)}
+                "download_drop": obj.download_drop, "moved": dict(obj.moved), "seeded": sorted(obj.seeded),
+                "base": obj.base}
         items = [("delta", k, v) for k, v in obj.deltas.items()]
         items += [("replace", k, SparseTensor(v.shape, v.detach().flatten())) for k, v in obj.replace.items()]
         if not set(obj.seeded) <= set(obj.deltas):
@@ -399,6 +410,8 @@ def _decode_entry(meta: dict, entry: dict, values_blob: bytes, positions_blob: b
     values = torch.from_numpy(_unshuffled(raw, itemsize)).view(dtype)
     if not bool(torch.isfinite(values).all()):
         raise PayloadError(f"{where}: values hold NaN or Inf")
+    if scaled_overflow(values, entry["scale"]):
+        raise PayloadError(f"{where}: values x scale {entry['scale']:.3g} do not fit float32")
     if entry["group"] == "replace":
         return values.reshape(entry["shape"])
     indices = None
@@ -457,4 +470,4 @@ def decode(data: bytes, *, max_numel: int = MAX_NUMEL) -> SparseUpdate | Broadca
     if meta["kind"] == "update":
         return SparseUpdate(deltas, meta["num_samples"], meta["round"], meta["client_id"], meta["base"])
     return Broadcast(meta["round"], meta["method"], meta["seed"], float(meta["download_drop"]), deltas,
-                     replace, meta["moved"], frozenset(seeded))
+                     replace, meta["moved"], frozenset(seeded), meta["base"])

@@ -78,3 +78,65 @@ def test_meta_tensors_and_empty_states_get_a_named_error():
         fk.Aggregator().aggregate({}, [fk.SparseUpdate({})], round=1)
     with pytest.raises(StateError, match="is empty"):
         fk.apply({}, fk.Aggregator().aggregate(global_state, [fk.sparsify(local, global_state)], round=1))
+
+
+def _round(seed: int = 7, method: str = "fedsrd"):
+    gen = torch.Generator().manual_seed(seed)
+    global_state = lora_state([(9, 7), (5, 11)], 3, gen=gen)
+    agg = fk.Aggregator(method)
+    updates = [fk.sparsify(perturbed(global_state, 0.05, gen=gen), global_state, agg.client_config)
+               for _ in range(2)]
+    return global_state, agg, updates
+
+
+def test_a_broadcast_applies_only_to_the_global_it_was_made_for():
+    from fedsrd_kernels.errors import BaseMismatchError
+
+    global_state, agg, updates = _round()
+    broadcast = fk.decode(fk.encode(agg.aggregate(global_state, updates, round=1)))
+    assert broadcast.base == fk.state_digest(global_state)
+    moved = fk.apply(global_state, broadcast)
+    assert fk.apply(global_state, broadcast, base=fk.state_digest(global_state)).keys() == moved.keys()
+    before = {k: v.clone() for k, v in moved.items()}
+    with pytest.raises(BaseMismatchError, match="already applied"):  # twice
+        fk.apply(moved, broadcast)
+    other = {k: v + 1.0 for k, v in global_state.items()}  # same keys and shapes, another model
+    with pytest.raises(BaseMismatchError, match="round-1 broadcast"):
+        fk.apply(other, broadcast)
+    assert all(torch.equal(moved[k], before[k]) for k in moved)
+    # a stream's broadcast names its base too
+    stream = agg.stream(global_state, round=1)
+    for update in updates:
+        stream.add(update)
+    assert stream.finish().base == broadcast.base
+
+
+def test_finite_bytes_cannot_make_a_non_finite_global():
+    from fedsrd_kernels.errors import NonFiniteError, PayloadError
+    from fedsrd_kernels.updates import Broadcast, SparseTensor, SparseUpdate
+
+    global_state, _, _ = _round(method="fedavg")
+    key = next(k for k in global_state if k.endswith("lora_A.weight"))
+    shape = tuple(global_state[key].shape)
+    huge = SparseUpdate({key: SparseTensor(shape, torch.full((global_state[key].numel(),), 3e38))})
+    agg = fk.Aggregator("fedavg")
+    big = {k: torch.full_like(v, 3e38) if k == key else v for k, v in global_state.items()}  # finite
+    broadcast = agg.aggregate(big, [fk.decode(fk.encode(huge))] * 2, round=1)  # the mean, 3e38, is finite
+    before = {k: v.clone() for k, v in big.items()}
+    with pytest.raises(NonFiniteError, match=f"{key!r}"):  # 3e38 + 3e38 overflows float32
+        fk.apply(big, broadcast)
+    assert all(torch.equal(big[k], before[k]) for k in big)
+    # an aggregate that overflows float32 is refused before it is broadcast
+    doubled = SparseUpdate({key: SparseTensor(shape, torch.full((global_state[key].numel(),), 3e38), scale=2.0)})
+    with pytest.raises(NonFiniteError, match=f"aggregate of {key!r}"):  # 3e38 x 2 is past float32
+        agg.aggregate(global_state, [doubled, doubled], round=1)
+    # a broadcast of 1e30 x scale 1e10 decodes no more: it would apply to Inf on every client
+    from tests.test_wire import build, split
+
+    bomb = Broadcast(1, "fedavg", 0, 0.0, {key: SparseTensor(shape, torch.full((global_state[key].numel(),), 1e30))})
+    with pytest.raises(NonFiniteError, match="overflow float32"):  # encode refuses to make one
+        fk.encode(Broadcast(1, "fedavg", 0, 0.0, {key: SparseTensor(shape, bomb.deltas[key].values, scale=1e10)}))
+    meta, blobs = split(fk.encode(bomb))
+    meta["tensors"][0]["scale"] = float(torch.tensor(1e10, dtype=torch.float32))  # forged, and sealed again
+    with pytest.raises(PayloadError, match="do not fit float32"):
+        fk.decode(build(meta, blobs))

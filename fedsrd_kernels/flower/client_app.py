@@ -69,8 +69,8 @@ def _base(cfg: RunConfig):
     return _BASES[key]
 
 
-def _sync_global(msg: Message, context: Context, server_round: int) -> dict[str, torch.Tensor]:
-    """The global adapter of this round: sent in full, or the held one plus the sent Broadcast."""
+def _sync_global(msg: Message, context: Context, server_round: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The global adapter of this round and its digest: sent in full, or the held one plus the sent Broadcast."""
     if GLOBAL in msg.content:
         state = records_state(msg.content[GLOBAL], msg.content.get("dtypes"))
     else:
@@ -83,10 +83,12 @@ def _sync_global(msg: Message, context: Context, server_round: int) -> dict[str,
         if not isinstance(broadcast, Broadcast) or broadcast.round != server_round - 1 or held_round != broadcast.round:
             raise StateError(f"round {server_round}: got a broadcast for round {getattr(broadcast, 'round', None)}, "
                              f"this node holds the adapter before round {held_round}")
-        state = apply(held, broadcast)
+        held_digest = str(context.state[_HELD_ROUND].get("digest", "")) or None
+        state = apply(held, broadcast, base=held_digest)
+    digest = state_digest(state)
     context.state[_HELD], context.state["fedsrd.dtypes"] = state_records(state)
-    context.state[_HELD_ROUND] = ConfigRecord({"round": server_round})
-    return state
+    context.state[_HELD_ROUND] = ConfigRecord({"round": server_round, "digest": digest})
+    return state, digest
 
 
 @app.train()
@@ -97,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     peft_model, tokenizer = _base(cfg)
     agg = cfg.aggregator()
     sent_full = GLOBAL in msg.content
-    global_state = _sync_global(msg, context, server_round)
+    global_state, digest = _sync_global(msg, context, server_round)
     result = train_locally(peft_model, tokenizer, global_state, client.train, cfg,
                            seed=stable_seed(cfg.seed, server_round, client.name), freeze_lora_a=agg.freeze_lora_A,
                            mu=agg.proximal_mu)
@@ -107,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
         run = run_id(config_fingerprint(cfg))
         residual = load_residual(folder, run=run, client=client.name, before_round=server_round)
     update = sparsify(result.state, global_state, agg.client_config, num_samples=len(client.train),
-                      round=server_round, client_id=client.name, base=state_digest(global_state), residual=residual)
+                      round=server_round, client_id=client.name, base=digest, residual=residual)
     if update.residual is not None:
         save_residual(folder, update.residual, run=run, client=client.name)
         prune_residuals(folder, before_round=residual.round if residual is not None else server_round)

@@ -120,9 +120,11 @@ class FedSRDStrategy(Strategy):
 
     def aggregate_updates(self, server_round: int, updates: list[SparseUpdate], weights: list[float]) -> bytes:
         """Aggregate decoded updates (in this order), move the global adapter, return the Broadcast bytes."""
-        broadcast = self.aggregator.aggregate(self.global_state, updates, weights=weights, round=server_round)
+        base = state_digest(self.global_state)
+        broadcast = self.aggregator.aggregate(self.global_state, updates, weights=weights, round=server_round,
+                                              base=base)
         self.last_download = encode(broadcast)
-        self.global_state = apply(self.global_state, decode(self.last_download))
+        self.global_state = apply(self.global_state, decode(self.last_download), base=base)
         return self.last_download
 
     def collect_replies(self, server_round: int,

@@ -272,7 +272,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         download, broadcast = b"", outcome.broadcast
         if broadcast is not None:
             download = encode(broadcast)
-            global_state = apply(global_state, decode(download, max_numel=broadcast_numel(global_state)))
+            global_state = apply(global_state, decode(download, max_numel=broadcast_numel(global_state)), base=base)
         server_seconds = time.perf_counter() - start
         for name, reason in outcome.rejected.items():
             log(f"round {round_}: rejected {name}: {reason}")
