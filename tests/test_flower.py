@@ -84,7 +84,7 @@ def test_strategy_aggregates_encoded_payloads_like_the_aggregator(monkeypatch):
     for key in expected:
         assert torch.equal(got[key], expected[key].to(torch.float32)), key
     assert metrics["clients"] == 2 and metrics["num-examples"] == 40 and metrics["rejected"] == 1
-    assert list(strategy.last_rejected) == ["9"] and "not a" in strategy.last_rejected["9"]
+    assert list(strategy.last_rejected) == ["9"] and "checksum mismatch" in strategy.last_rejected["9"]
 
 
 def test_state_records_round_trip_bfloat16():
