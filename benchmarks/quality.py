@@ -98,9 +98,11 @@ def run_one(data: dict, run: dict, log) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     run_method(cfg, log=log, show_progress=True)
+    import torch
+
     wall = out / "wall.json"  # wall time summed over the sessions that worked on this run
     spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
-    wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - start}))
+    wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - start, "threads": torch.get_num_threads()}))
 
 
 def _done_round(out: Path) -> int:
@@ -122,11 +124,12 @@ def collect(data: dict) -> dict[str, dict]:
             continue
         records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line]
         progress = json.loads((out / "progress.json").read_text())
-        wall = json.loads((out / "wall.json").read_text())["seconds"] if (out / "wall.json").exists() else None
+        timing = json.loads((out / "wall.json").read_text()) if (out / "wall.json").exists() else {}
         for record in records:  # the per-pair detail stays in the run folder; the summary is enough here
             record.pop("clip_factors", None)
         runs[run["key"]] = {**{k: run[k] for k in ("variant", "method", "lr", "seed")},
-                            "base_heldout": progress.get("base_heldout"), "records": records, "wall_seconds": wall}
+                            "base_heldout": progress.get("base_heldout"), "records": records,
+                            "wall_seconds": timing.get("seconds"), "threads": timing.get("threads")}
     return {key: runs[key] for key in sorted(runs)}
 
 
@@ -289,8 +292,9 @@ def report(data: dict, command: str) -> Path:
     runs = collect(data)
     rows = summary_rows(runs, rounds)
     best = best_rows(rows)
+    threads = sorted({e.get("threads") for e in runs.values() if e.get("threads")})
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                       f"{torch.get_num_threads()} thread(s) per run process",
+                       f"{'/'.join(map(str, threads)) or '?'} torch thread(s) per run process",
             "command": command}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"quality-{name}.json"
