@@ -250,10 +250,11 @@ def plot(runs: dict[str, dict], best: list[dict], path_rounds: Path, path_mib: P
 
     for path, by_traffic in ((path_rounds, False), (path_mib, True)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        curves = []
         for row in best:
-            curves = [e for e in runs.values() if e["variant"] == row["variant"] and e["lr"] == row["lr"]]
+            entries = [e for e in runs.values() if e["variant"] == row["variant"] and e["lr"] == row["lr"]]
             points: dict[float, list[float]] = {}
-            for entry in curves:
+            for entry in entries:
                 total = 0.0
                 if entry["base_heldout"]:
                     points.setdefault(0.0, []).append(_mean_loss(entry["base_heldout"]))
@@ -263,10 +264,11 @@ def plot(runs: dict[str, dict], best: list[dict], path_rounds: Path, path_mib: P
                         x = total if by_traffic else float(record["round"])
                         points.setdefault(x, []).append(_mean_loss(record["heldout_loss"]))
             xs = sorted(points)
-            ys = [statistics.fmean(points[x]) for x in xs]
-            if by_traffic:  # round 0 has sent nothing: draw it at the left edge of the log axis
-                xs = [x if x > 0 else None for x in xs]
-                xs = [x if x is not None else min(v for v in xs if v) / 3 for x in xs]
+            curves.append((row, xs, [statistics.fmean(points[x]) for x in xs]))
+        # round 0 has sent nothing: on the log axis every base point sits at one left edge
+        left = min((x for _, xs, _ in curves for x in xs if x > 0), default=1.0) / 3
+        for row, xs, ys in curves:
+            xs = [left if by_traffic and x == 0 else x for x in xs]
             ax.plot(xs, ys, marker="o", label=f"{row['variant']} lr={row['lr']:g} ({len(row['seeds'])} seeds)")
         ax.set_ylabel("mean held-out loss (4 domains)")
         if by_traffic:
