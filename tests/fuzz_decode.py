@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -814,22 +815,42 @@ def mutate_bytes(rng: random.Random, data: bytes) -> bytes:
     return data + bytes(rng.randint(1, 64))
 
 
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
 class Mutator:
-    """libFuzzer's custom mutator and crossover: structure-aware edits mixed with byte mutation."""
+    """libFuzzer's custom mutator and crossover: structure-aware edits mixed with byte mutation.
+
+    Structured edits re-seal the payload (a valid tag over edited bytes), so they reach the
+    checks behind the tag. Raw byte edits (libFuzzer's own, truncation, flips, splices) do
+    not: ``raw`` remembers their outputs, and an input among them that decodes is a payload
+    that changed on the way and still decoded to an object, which must never happen.
+    """
+
+    RAW_MEMORY = 200_000  # digests kept (8 bytes each); older ones are forgotten
 
     def __init__(self, seeds: list[bytes]):
         self.seeds = seeds
+        self.raw: set[bytes] = set()
+
+    def _raw(self, data: bytes, out: bytes) -> bytes:
+        if out != data:
+            if len(self.raw) >= self.RAW_MEMORY:
+                self.raw.clear()
+            self.raw.add(_digest(out))
+        return out
 
     def mutate(self, data: bytes, max_size: int, seed: int) -> bytes:
         import atheris
 
         rng = random.Random(seed)
         if rng.random() < 0.25:
-            return atheris.Mutate(data, max_size)
+            return self._raw(data, atheris.Mutate(data, max_size))
         c = Container.parse(data, max_size)
         if c is None:
             if rng.random() < 0.5 or not self.seeds:
-                return atheris.Mutate(data, max_size)
+                return self._raw(data, atheris.Mutate(data, max_size))
             c = Container.parse(rng.choice(self.seeds), max_size)
         ops, weights = zip(*STRUCTURE_OPS)
         try:
@@ -837,10 +858,10 @@ class Mutator:
                 op(rng, c)
             out = c.serialize()
         except Exception:  # an edit that does not apply to this input: byte mutation instead
-            return atheris.Mutate(data, max_size)
+            return self._raw(data, atheris.Mutate(data, max_size))
         if rng.random() < 0.1:
-            out = mutate_bytes(rng, out)
-        return out if len(out) <= max_size else atheris.Mutate(data, max_size)
+            out = self._raw(out, mutate_bytes(rng, out))
+        return out if len(out) <= max_size else self._raw(data, atheris.Mutate(data, max_size))
 
     def crossover(self, data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
         """One payload's blob or entry moved into another; a byte splice when either does not parse."""
@@ -859,7 +880,8 @@ class Mutator:
             if 0 < len(out) <= max_size:
                 return out
         cut1, cut2 = rng.randint(0, len(data1)), rng.randint(0, len(data2))
-        return (data1[:cut1] + data2[cut2:])[:max_size]
+        spliced = (data1[:cut1] + data2[cut2:])[:max_size]
+        return spliced if spliced in (data1, data2) else self._raw(b"", spliced)
 
 
 # -- seeds -------------------------------------------------------------------------------------------
@@ -914,7 +936,7 @@ def seed_payloads() -> dict[str, bytes]:
 class ChildStats:
     def __init__(self, path: Path, known: set[str]):
         self.path, self.known = path, known
-        self.execs = self.ok = self.repeats = self.peak_max = self.rss_max = 0
+        self.execs = self.ok = self.repeats = self.peak_max = self.rss_max = self.raw_decodes = 0
         self.cpu_max = self.target_seconds = self.mutator_seconds = 0.0
         self.rejections: dict[str, int] = {}
         self.exceptions: dict[str, int] = {}
@@ -968,6 +990,8 @@ def child_main(args: argparse.Namespace, libfuzzer_args: list[str]) -> None:
             raise
         if m.rejection is None:
             stats.ok += 1
+            if _digest(data) in mutator.raw:  # bytes changed by a raw edit decoded: the tag let them through
+                stats.raw_decodes += 1
         else:
             cls, name = rejection_class(m.rejection), type(m.rejection).__name__
             stats.rejections[cls] = stats.rejections.get(cls, 0) + 1
@@ -1019,7 +1043,7 @@ def parent_main(args: argparse.Namespace, extra: list[str]) -> int:
     deadline = start + args.seconds
     known: list[str] = []
     runs, findings = [], []
-    totals = {"ok": 0, "repeats": 0, "peak_max": 0, "rss_max": 0, "cpu_max": 0.0, "target_seconds": 0.0,
+    totals = {"ok": 0, "repeats": 0, "raw_decodes": 0, "peak_max": 0, "rss_max": 0, "cpu_max": 0.0, "target_seconds": 0.0,
               "mutator_seconds": 0.0}
     rejections: dict[str, int] = {}
     exceptions: dict[str, int] = {}
@@ -1055,7 +1079,7 @@ def parent_main(args: argparse.Namespace, extra: list[str]) -> int:
                    "libfuzzer": final, "artifacts": new}
             runs.append(run)
             rss_usable = rss_usable and child.get("rss_usable", True)
-            for key in ("ok", "repeats", "target_seconds", "mutator_seconds"):
+            for key in ("ok", "repeats", "raw_decodes", "target_seconds", "mutator_seconds"):
                 totals[key] += child.get(key, 0)
             for key in ("peak_max", "rss_max", "cpu_max"):
                 totals[key] = max(totals[key], child.get(key, 0))
@@ -1086,6 +1110,7 @@ def parent_main(args: argparse.Namespace, extra: list[str]) -> int:
         "findings": findings,
         "repeated_findings_skipped": totals["repeats"],
         "successful_decodes": totals["ok"],
+        "raw_edit_decodes": totals["raw_decodes"],
         "rejected": sum(rejections.values()),
         "rejection_classes": dict(sorted(rejections.items(), key=lambda kv: -kv[1])),
         "exception_classes": exceptions,
@@ -1107,7 +1132,8 @@ def parent_main(args: argparse.Namespace, extra: list[str]) -> int:
     stats_path.write_text(json.dumps(stats, indent=1, ensure_ascii=True) + "\n")
     shutil.rmtree(work, ignore_errors=True)  # seeds and child files; a --corpus folder lives outside it
     print(f"fuzz_decode: {stats['seconds']} s, {iterations} iterations ({stats['execs_per_second']}/s), "
-          f"{len(findings)} crashes, {totals['ok']} decoded, {stats['rejected']} rejected in "
+          f"{len(findings)} crashes, {totals['ok']} decoded ({totals['raw_decodes']} after a raw byte edit), "
+          f"{stats['rejected']} rejected in "
           f"{len(rejections)} classes; log {log_path.name}")
     for finding in findings:
         print(f"  crash {finding['signature']}: {finding['message'][:200]} -> {finding['inputs']}")
