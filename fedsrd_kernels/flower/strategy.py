@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from ..errors import FedSRDError, StateError
+from ..errors import ConfigError, FedSRDError
 from ..intake import Submission, screen
 from ..lora import state_digest
 from ..server import Aggregator, apply
@@ -45,7 +45,7 @@ class FedSRDStrategy(Strategy):
     def __init__(self, aggregator: Aggregator, min_nodes: int = 1, min_updates: int = 1) -> None:
         for name, value in (("min_nodes", min_nodes), ("min_updates", min_updates)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StateError(f"{name} must be an int >= 1, got {value!r}")
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         self.aggregator = aggregator
         self.min_nodes = min_nodes
         self.min_updates = min_updates

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from .config import RunConfig
 from .loop import ClientData, federate
 from .report import format_table, plot_loss_vs_traffic, summary_rows
@@ -51,7 +52,7 @@ def build_clients(cfg: RunConfig, tokenizer, log=print) -> list[ClientData]:
         clients.append(ClientData(name, examples[cut:][: cfg.max_examples], examples[:cut][: cfg.heldout_examples]))
     clients = [c for c in clients if c.train and c.heldout]
     if not clients:
-        raise RuntimeError("no client has data: every domain source is missing and no JSONL file was given")
+        raise ConfigError("no client has data: every domain source is missing and no JSONL file was given")
     log("clients: " + ", ".join(f"{c.name} ({len(c.train)} train / {len(c.heldout)} held-out)" for c in clients))
     return clients
 

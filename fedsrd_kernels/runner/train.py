@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import KeyMismatchError
 from .config import RunConfig
 
 
@@ -50,7 +51,7 @@ def load_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
     result = peft.set_peft_model_state_dict(peft_model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise KeyError(f"adapter state has keys the model lacks: {unexpected[:3]}")
+        raise KeyMismatchError(f"adapter state has keys the model lacks: {unexpected[:3]}")
 
 
 def batches(tokenizer, texts: list[Text], cfg: RunConfig, rng: random.Random, steps: int, device):
