@@ -29,7 +29,7 @@ from .kernels._backend import check_backend_name, resolve_backend
 from .kernels.decompose import weighted_mean
 from .kernels.philox import mask_key, seeded_keep_indices
 from .lora import LORA_A_SUFFIX, LoraPair, StateDict, check_state, factor_of, state_digest
-from .updates import Broadcast, SparseTensor, SparseUpdate
+from .updates import FLOAT32_MAX, Broadcast, SparseTensor, SparseUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +310,9 @@ class Aggregator:
     def _download(self, key: str, delta: torch.Tensor, round: int) -> SparseTensor:
         """DARE on a factor delta: keep the seeded positions, scale by 1 / (1 - p)."""
         flat = delta.flatten()
+        largest = float(flat.abs().max()) if flat.numel() else 0.0
+        if not largest / (1.0 - self.download_drop) <= FLOAT32_MAX:  # also catches NaN
+            raise NonFiniteError(f"the aggregate of {key!r} is not finite in float32 (up to {largest:.3g})")
         if self.download_drop == 0.0:
             return SparseTensor(delta.shape, flat.to(self.value_dtype))
         choice = resolve_backend(delta.device, self.backend, cuda_op=True)

@@ -9,14 +9,17 @@ their values, and one scale per matrix (the L1 rescale of the upload, or the
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from .errors import ShapeMismatchError, StateError
+from .errors import NonFiniteError, ShapeMismatchError, StateError
 
-SUPPORTED_DEVICES = ("cpu", "cuda")  # meta tensors hold no values; other devices are untested
+SUPPORTED_DEVICES = ("cpu", "cuda")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # meta tensors hold no values; other devices are untested
 
 
 def check_positions(indices: object, numel: int, device: torch.device) -> None:
@@ -67,10 +70,18 @@ class SparseTensor:
             raise ShapeMismatchError(
                 f"SparseTensor has {self.values.numel()} values for {expected} positions"
             )
-        if not math.isfinite(self.scale):
-            raise StateError(f"SparseTensor scale must be finite, got {self.scale}")
         # One scalar per matrix, rounded once to float32 so every device applies the same factor.
-        object.__setattr__(self, "scale", float(torch.tensor(self.scale, dtype=torch.float32)))
+        real = isinstance(self.scale, numbers.Real) and not isinstance(self.scale, (bool, np.bool_))
+        scale = float(torch.tensor(float(self.scale), dtype=torch.float32)) if real else math.nan
+        if not math.isfinite(scale):
+            raise StateError(f"SparseTensor scale must be a finite float32 number, got {self.scale!r}")
+        object.__setattr__(self, "scale", scale)
+        # to_dense multiplies in float32: finite values whose product with the scale is not would turn
+        # into Inf inside aggregate (before norm bounding could weigh them down) or apply. (NaN and Inf
+        # values themselves are refused, naming the key, by encode and by the server's update check.)
+        largest = float(self.values.abs().max()) if self.values.numel() else 0.0
+        if math.isfinite(largest) and largest * abs(scale) > FLOAT32_MAX:
+            raise NonFiniteError(f"SparseTensor values up to {largest:.3g} times scale {scale:.3g} overflow float32")
 
     @property
     def numel(self) -> int:

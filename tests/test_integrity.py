@@ -127,9 +127,15 @@ def test_finite_bytes_cannot_make_a_non_finite_global():
         fk.apply(big, broadcast)
     assert all(torch.equal(big[k], before[k]) for k in big)
     # an aggregate that overflows float32 is refused before it is broadcast
-    doubled = SparseUpdate({key: SparseTensor(shape, torch.full((global_state[key].numel(),), 3e38), scale=2.0)})
-    with pytest.raises(NonFiniteError, match=f"aggregate of {key!r}"):  # 3e38 x 2 is past float32
-        agg.aggregate(global_state, [doubled, doubled], round=1)
+    with pytest.raises(NonFiniteError, match="overflow float32"):  # 3e38 x 2 cannot even be held
+        SparseTensor(shape, torch.full((global_state[key].numel(),), 3e38), scale=2.0)
+    # FedSRD multiplies factors: finite uploads can still give a product past float32, which is refused
+    big_b = {k: v for k, v in global_state.items()}
+    b_key = key.replace("lora_A", "lora_B")
+    blown = SparseUpdate({k: SparseTensor(tuple(global_state[k].shape), torch.full((global_state[k].numel(),), 3e38))
+                          for k in (key, b_key)})
+    with pytest.raises(NonFiniteError, match="not finite"):
+        fk.Aggregator("fedsrd").aggregate(big_b, [blown, blown], round=1)
     # a broadcast of 1e30 x scale 1e10 decodes no more: it would apply to Inf on every client
     from tests.test_wire import build, split
 
@@ -140,3 +146,26 @@ def test_finite_bytes_cannot_make_a_non_finite_global():
     meta["tensors"][0]["scale"] = float(torch.tensor(1e10, dtype=torch.float32))  # forged, and sealed again
     with pytest.raises(PayloadError, match="do not fit float32"):
         fk.decode(build(meta, blobs))
+
+
+def test_norm_bounding_weighs_an_overflowing_client_down_before_anything_overflows():
+    """A client sending values of 3e38 (finite) with norm bounding on: clipped to a weight near zero, and the
+    round's result is finite and within float rounding of the honest clients' alone."""
+    from fedsrd_kernels.updates import SparseTensor, SparseUpdate
+
+    gen = torch.Generator().manual_seed(9)
+    global_state = lora_state([(9, 7), (5, 11)], 3, gen=gen)
+    honest = [fk.sparsify(perturbed(global_state, 0.05, gen=gen), global_state, fk.SparsifyConfig(
+        selection="dense")) for _ in range(4)]
+    attacker = SparseUpdate({k: SparseTensor(tuple(v.shape), torch.full((v.numel(),), 3e38))
+                             for k, v in global_state.items()})
+    bounded = fk.Aggregator("fedavg", norm_bound=2.0)
+    result = fk.apply(global_state, bounded.aggregate(global_state, [*honest, attacker], round=1))
+    assert all(bool(torch.isfinite(v).all()) for v in result.values())
+    assert bounded.last_report.clip_factors[-1] < 1e-30
+    clean = fk.apply(global_state, fk.Aggregator("fedavg").aggregate(global_state, honest, round=1))
+    for key in clean:  # the attacker's weight went to a zero update: the honest mean, scaled by 4/5
+        want = global_state[key] + (clean[key] - global_state[key]) * 4 / 5
+        assert torch.allclose(result[key], want, rtol=1e-5, atol=1e-6), key
+    unbounded = fk.apply(global_state, fk.Aggregator("fedavg").aggregate(global_state, [*honest, attacker], round=1))
+    assert max(float(unbounded[k].abs().max()) for k in unbounded) > 1e37  # what norm bounding held off
