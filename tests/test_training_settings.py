@@ -106,7 +106,8 @@ def test_dropout_is_on_seeded_and_leaves_the_global_rng_alone(tiny):
 
 
 def test_run_config_checks_the_new_settings():
-    for bad in (dict(max_grad_norm=0), dict(max_grad_norm=True), dict(lora_dropout=1.0), dict(lora_dropout=-0.1),
+    assert RunConfig(max_grad_norm=0).max_grad_norm is None  # TOML has no null: 0 turns clipping off
+    for bad in (dict(max_grad_norm=-1.0), dict(max_grad_norm=True), dict(lora_dropout=1.0), dict(lora_dropout=-0.1),
                 dict(weighting="median"), dict(completion_only="yes"), dict(error_feedback=1), dict(rescale="no"),
                 dict(eval_every=0)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
