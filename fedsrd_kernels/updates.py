@@ -18,8 +18,15 @@ import torch
 
 from .errors import NonFiniteError, ShapeMismatchError, StateError
 
-SUPPORTED_DEVICES = ("cpu", "cuda")
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # meta tensors hold no values; other devices are untested
+SUPPORTED_DEVICES = ("cpu", "cuda")  # meta tensors hold no values; other devices are untested
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def scaled_overflow(values: torch.Tensor, scale: float) -> bool:
+    """Whether some finite value times ``scale`` is past float32's range: densify multiplies in float32, and
+    such values would write Inf into every state that applies them (1e30 x 1e10 did)."""
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    return math.isfinite(largest) and largest * abs(scale) > FLOAT32_MAX
 
 
 def check_positions(indices: object, numel: int, device: torch.device) -> None:
@@ -79,9 +86,9 @@ class SparseTensor:
         # to_dense multiplies in float32: finite values whose product with the scale is not would turn
         # into Inf inside aggregate (before norm bounding could weigh them down) or apply. (NaN and Inf
         # values themselves are refused, naming the key, by encode and by the server's update check.)
-        largest = float(self.values.abs().max()) if self.values.numel() else 0.0
-        if math.isfinite(largest) and largest * abs(scale) > FLOAT32_MAX:
-            raise NonFiniteError(f"SparseTensor values up to {largest:.3g} times scale {scale:.3g} overflow float32")
+        if scaled_overflow(self.values, scale):
+            raise NonFiniteError(f"SparseTensor values up to {float(self.values.abs().max()):.3g} times scale "
+                                 f"{scale:.3g} overflow float32")
 
     @property
     def numel(self) -> int:
