@@ -37,6 +37,7 @@ _OPTIONS = (
 
 def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
     from .baselines import METHODS
+    from .config import RESCALE_SPACES, SELECTIONS
     from .runner.config import RunConfig
 
     defaults = RunConfig()
@@ -60,9 +61,12 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
         default = getattr(defaults, name.replace("-", "_"))
         parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                             help=text if name == "rescale" else f"{text} (default: {default})")
-    parser.add_argument("--rescale-space", choices=("params", "dw"),
+    parser.add_argument("--rescale-space", choices=RESCALE_SPACES,
                         help="rescale the upload by L1 per matrix (the paper's code) or by the least-squares "
                              f"scalar per pair in dW space (default: {defaults.rescale_space})")
+    parser.add_argument("--selection", choices=SELECTIONS,
+                        help="override the method's upload selection, a study variant: e.g. fedsrd with "
+                             "magnitude top-k, or a dense upload (default: the method's)")
     parser.add_argument("--weighting", choices=("equal", "samples"),
                         help=f"client weights: 1/m, or by sample count (default: {defaults.weighting})")
     parser.add_argument("--out-dir", help=f"run folder (default: {defaults.out_dir})")

@@ -70,6 +70,9 @@ class Aggregator:
     seed:          seed of the download mask, keyed further by round and tensor name.
     value_dtype:   dtype of broadcast values ("float32", "bfloat16", "float16").
     mu:            FedProx proximal coefficient for local training; None = the method's default.
+    upload:        how clients sparsify (``client_config``); None = the method's selection.
+                   Another selection is a study variant the server aggregates the same way
+                   (every upload is densified first): e.g. fedsrd with a dense upload.
     projection_rtol: singular values of the factor a FedSRD split projects onto
                    (A when B moves, B when A moves) below projection_rtol x sigma_max
                    count as zero, for the rank check and the pinv cut-off (never below
@@ -135,11 +138,6 @@ class Aggregator:
         proximal_mu = self.spec.proximal_mu if mu is None else mu
         if not (isinstance(proximal_mu, (int, float)) and math.isfinite(proximal_mu) and proximal_mu >= 0):
             raise ConfigError(f"mu must be a finite number >= 0, got {mu!r}")
-        if upload is not None and upload.selection != self.spec.selection:
-            raise ConfigError(
-                f"method {method!r} uploads with selection {self.spec.selection!r}, "
-                f"upload config asks for {upload.selection!r}"
-            )
         check_backend_name(backend)
         if norm_bound is not None and not (
             isinstance(norm_bound, (int, float)) and not isinstance(norm_bound, bool)

@@ -133,6 +133,31 @@ def test_equal_weighting_ignores_sample_counts():
         fk.Aggregator("fedavg", weighting="median")
 
 
+def test_selection_override_makes_a_study_variant():
+    """fedsrd-e with a dense upload and no download drop moves W = B A by the split (eq. 11-13) of the
+    client's whole update B_i A_i - B A: nothing is lost before the server's projection."""
+    assert RunConfig(method="fedsrd", selection="dense").upload_config().selection == "dense"
+    assert RunConfig(method="fedsrd").upload_config().selection == "importance"
+    with pytest.raises(ConfigError, match="selection"):
+        RunConfig(selection="topk")
+    gen = torch.Generator().manual_seed(5)
+    global_state = lora_state([(13, 11), (6, 9)], 3, gen=gen)
+    local = perturbed(global_state, 0.05, gen=gen)
+    dense = fk.SparsifyConfig(selection="dense")
+    aggregator = fk.Aggregator("fedsrd-e", upload=dense, download_drop=0.0)
+    assert aggregator.client_config.selection == "dense"
+    broadcast = aggregator.aggregate(global_state, [fk.sparsify(local, global_state, dense)], round=2)
+    new = fk.apply(global_state, broadcast, base=fk.state_digest(global_state))
+    for a_key in [k for k in local if k.endswith("lora_A.weight")]:
+        b_key = a_key.replace("lora_A", "lora_B")
+        b, a = global_state[b_key].double(), global_state[a_key].double()
+        true_update = local[b_key].double() @ local[a_key].double() - b @ a
+        assert torch.equal(new[b_key], global_state[b_key])  # an even round: A moves (eq. 12)
+        got = b @ (new[a_key].double() - a)
+        want = b @ torch.linalg.pinv(b) @ true_update  # the part of the update in B's column space
+        assert torch.allclose(got, want, rtol=0, atol=1e-5), a_key
+
+
 CLIENT_TEXTS = {
     "alpha": [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(30)],
     "beta": [f"The balance of account {i} is {i * 13 % 97} dollars after interest." for i in range(30)],

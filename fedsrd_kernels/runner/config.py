@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..baselines import METHODS
-from ..config import RESCALE_SPACES, SparsifyConfig
+from ..config import RESCALE_SPACES, SELECTIONS, SparsifyConfig
 from ..errors import ConfigError
 from ..server import WEIGHTINGS, Aggregator
 
@@ -34,6 +34,10 @@ class RunConfig:
     error_feedback, rescale, rescale_space: the upload's error feedback and
             rescale (see SparsifyConfig); rescale None = on, except with error
             feedback; rescale_space "params" (L1 per matrix, the paper's code) or "dw".
+    selection: the upload's selection (see SparsifyConfig); None = the method's.
+            Another one makes a study variant: fedsrd with a dense upload
+            isolates what the server's SVD_r and download cost from what
+            sparsifying the upload costs.
     eval_every: held-out loss every this many rounds (and after the last); the
             base adapter's loss (round 0) is always measured once.
 
@@ -63,6 +67,7 @@ class RunConfig:
     error_feedback: bool = False
     rescale: bool | None = None
     rescale_space: str = "params"
+    selection: str | None = None
     eval_every: int = 1
     mu: float | None = None
     participation: float = 1.0
@@ -100,6 +105,8 @@ class RunConfig:
             raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         if self.rescale_space not in RESCALE_SPACES:
             raise ConfigError(f"rescale_space must be one of {RESCALE_SPACES}, got {self.rescale_space!r}")
+        if self.selection is not None and self.selection not in SELECTIONS:
+            raise ConfigError(f"selection must be one of {SELECTIONS} or None, got {self.selection!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.norm_bound is not None and not (isinstance(self.norm_bound, (int, float)) and
@@ -140,7 +147,8 @@ class RunConfig:
 
     def upload_config(self) -> SparsifyConfig:
         """How this run's clients sparsify their uploads."""
-        return SparsifyConfig(selection=METHODS[self.method].selection, error_feedback=self.error_feedback,
+        selection = METHODS[self.method].selection if self.selection is None else self.selection
+        return SparsifyConfig(selection=selection, error_feedback=self.error_feedback,
                               rescale=self.rescale, rescale_space=self.rescale_space)
 
     def aggregator(self) -> Aggregator:
