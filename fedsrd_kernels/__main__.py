@@ -69,7 +69,7 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
                              "magnitude top-k, or a dense upload (default: the method's)")
     parser.add_argument("--weighting", choices=("equal", "samples"),
                         help=f"client weights: 1/m, or by sample count (default: {defaults.weighting})")
-    parser.add_argument("--out-dir", help=f"run folder (default: {defaults.out_dir})")
+    parser.add_argument("--out-dir", help="run folder (default: runs/run/<method>; compare: runs/compare, one subfolder per method)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--value-dtype", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the broadcast values (default: float32)")
@@ -79,6 +79,13 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
 
 def _run_command(argv: list[str], compare: bool) -> int:
     from .errors import FedSRDError
+    from .extras import require_extra
+
+    try:
+        require_extra("runner", f"fedsrd {'compare' if compare else 'run'}")
+    except FedSRDError as exc:
+        print(f"fedsrd: {exc}", file=sys.stderr)
+        return 2
     from .runner.config import RunConfig
     from .runner.run import compare as compare_methods
     from .runner.run import run

@@ -47,3 +47,7 @@ class PayloadError(FedSRDError, ValueError):
 
 class FormatVersionError(PayloadError):
     """The payload was written by an unknown version of the wire format."""
+
+
+class MissingExtraError(FedSRDError, ImportError):
+    """An optional part of the package is used without its extra installed (names the extra)."""

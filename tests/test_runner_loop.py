@@ -1,6 +1,7 @@
 """The federated runner on a tiny random-init Llama: every method, resume, bytes, CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,36 @@ def test_saved_adapter_loads_with_peft(tmp_path):
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_exported_adapter_names_its_base_model(tmp_path, monkeypatch):
+    """adapter_config.json names the default model by its hub id, not the cache folder it was converted into,
+    and any other model by the --model value given; PEFT loads the folder onto a freshly loaded base."""
+    from fedsrd_kernels.runner.run import load_base
+
+    folder = tmp_path / "base"
+    model, tokenizer = model_mod.tiny_llama(seed=0)  # stands in for the converted SmolLM2
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(model_mod, "default_model_dir", lambda: folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for given, want in ((None, "HuggingFaceTB/SmolLM2-135M-Instruct"), (str(folder), str(folder))):
+            cfg = RunConfig(method="fedsrd", rounds=1, model=given, rank=4, local_steps=1, batch_size=2, seq_len=16,
+                            device="cpu", out_dir=str(tmp_path / ("default" if given is None else "path")))
+            base, tok = load_base(cfg)
+            torch.manual_seed(cfg.seed)
+            peft_model = lora_model(base, cfg)
+            federate(peft_model, tok, clients(), cfg, log=lambda _: None, show_progress=False)
+            adapter = Path(cfg.out_dir) / "adapter"
+            assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == want
+            loaded = peft.PeftModel.from_pretrained(model_mod.load_model(given)[0], str(adapter))
+            want_state, got_state = adapter_state(peft_model), adapter_state(loaded)
+            assert got_state.keys() == want_state.keys()
+            assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_resume_continues_without_repeating_a_round(tmp_path):

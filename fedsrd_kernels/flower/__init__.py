@@ -7,3 +7,7 @@ Payloads are our wire bytes, carried as one uint8 array in an ArrayRecord.
 ``security`` writes TLS certificates and SuperNode keys for a secure
 deployment (it imports ``cryptography`` only; see README, "Secure deployment").
 """
+
+from ..extras import require_extra
+
+require_extra("flower", "fedsrd_kernels.flower")

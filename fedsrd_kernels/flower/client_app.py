@@ -105,7 +105,8 @@ def train(msg: Message, context: Context) -> Message:
                            mu=agg.proximal_mu)
     residual = None
     if cfg.error_feedback:
-        folder = Path(str(context.node_config.get("state-dir", "")) or Path(cfg.out_dir) / CLIENTS_DIR / client.name)
+        state_dir = str(context.node_config.get("state-dir", ""))
+        folder = Path(state_dir) if state_dir else cfg.run_folder("flower") / CLIENTS_DIR / client.name
         run = run_id(config_fingerprint(cfg))
         residual = load_residual(folder, run=run, client=client.name, before_round=server_round)
     update = sparsify(result.state, global_state, agg.client_config, num_samples=len(client.train),

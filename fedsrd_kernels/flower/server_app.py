@@ -3,10 +3,10 @@
 Run config: RunConfig fields (see records.run_config) plus ``min-nodes``
 (nodes to wait for before each round, default 2). The initial adapter is
 built as runner.run.run builds it (``torch.manual_seed(seed)`` before LoRA);
-the final global adapter is written to ``<out_dir>/global_adapter.safetensors`` and each
-round's aggregated train metrics, rejections and digests to ``<out_dir>/rounds.jsonl``.
+the final global adapter is written to ``<run folder>/global_adapter.safetensors`` and each
+round's aggregated train metrics, rejections and digests to ``<run folder>/rounds.jsonl``.
 
-After every round the ServerApp commits its state to ``<out_dir>/state.safetensors`` as the
+After every round the ServerApp commits its state to ``<run folder>/state.safetensors`` as the
 in-process runner does (runner.loop.ServerState: one file, replaced atomically). A run that
 was stopped or whose ServerApp died is continued by submitting it again with the same
 config: it starts after the last committed round, every node gets the full adapter, and the
@@ -44,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     model, _ = load_base(cfg)
     initial = adapter_state(lora_model(model, cfg))
     del model
-    out = Path(cfg.out_dir)
+    out = cfg.run_folder("flower")
     out.mkdir(parents=True, exist_ok=True)
     server = resume_state(out, cfg, initial, log=logger.info)  # a run stopped or killed goes on from here
     strategy = FedSRDStrategy(cfg.aggregator(), min_nodes=int(context.run_config.get("min-nodes", 2)),

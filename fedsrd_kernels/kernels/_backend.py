@@ -48,7 +48,8 @@ CUDA_EXTENSION = "fedsrd_kernels._C"
 def _load_cuda_extension() -> tuple[bool, str]:
     """Import the compiled ops once: (loaded, status for backend_info)."""
     if importlib.util.find_spec(CUDA_EXTENSION) is None:
-        return False, "not built (pure-Python install; see csrc/README.md)"
+        return False, ("not built (a pure-Python install; building needs a source checkout with nvcc and torch: "
+                       "see the README's \"Kernels and backends\")")
     try:
         from . import cuda_ops  # noqa: F401  (the op schemas the extension's kernels register against)
 

@@ -76,7 +76,7 @@ class RunConfig:
     min_updates: int = 1
     value_dtype: str = "float32"
     seed: int = 0
-    out_dir: str = "runs/fedsrd"
+    out_dir: str | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -141,6 +141,11 @@ class RunConfig:
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)
+
+    def run_folder(self, command: str = "run") -> Path:
+        """Where the run writes: ``out_dir`` when given, else ``runs/<command>/<method>``, so
+        that ``run``, ``compare``, the Flower app and each method never share a folder."""
+        return Path(self.out_dir) if self.out_dir else Path("runs", command, self.method)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

