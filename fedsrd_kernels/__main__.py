@@ -69,7 +69,8 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
                              "magnitude top-k, or a dense upload (default: the method's)")
     parser.add_argument("--weighting", choices=("equal", "samples"),
                         help=f"client weights: 1/m, or by sample count (default: {defaults.weighting})")
-    parser.add_argument("--out-dir", help="run folder (default: runs/run/<method>; compare: runs/compare, one subfolder per method)")
+    parser.add_argument("--out-dir",
+                        help="run folder (default: runs/run/<method>; compare: runs/compare, a subfolder per method)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--value-dtype", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the broadcast values (default: float32)")
