@@ -57,3 +57,11 @@ def test_federated_peft_example(example, one_thread, capsys):
     again = example.main(["--rounds", "2"])
     assert all(torch.equal(again["final"][k], final[k]) for k in final)
     assert capsys.readouterr().out == out
+
+
+def test_the_readme_use_block_runs_as_pasted(one_thread, capsys):
+    """The README's "Use" code block, executed as it stands: both rounds accept both clients."""
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    block = readme.split("\n## Use\n", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+    exec(compile(block, "README.md (Use)", "exec"), {"__name__": "readme_use"})
+    assert capsys.readouterr().out.splitlines() == ["1 ('alice', 'bob') {}", "2 ('alice', 'bob') {}"]

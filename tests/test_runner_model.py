@@ -171,6 +171,23 @@ def test_conversion_that_loses_a_race_uses_the_winner(monkeypatch, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def test_conversion_leaves_the_global_rng_alone(monkeypatch, tmp_path):
+    """A converting first run must seed its LoRA init exactly as a run that finds the cache."""
+    monkeypatch.setenv("FEDSRD_CACHE", str(tmp_path))
+    monkeypatch.setattr(model_module, "gguf_path", lambda: tmp_path / "x.gguf")
+
+    def drawing_conversion(source, out):  # as transformers' loader does: random init, then overwrite
+        torch.randn(1000)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(model_module, "_convert_gguf", drawing_conversion)
+    torch.manual_seed(11)
+    want = torch.randn(4)
+    torch.manual_seed(11)
+    default_model_dir()
+    assert torch.equal(torch.randn(4), want)
+
+
 # ---------------------------------------------------------------- slow: the real SmolLM2 conversion
 
 needs_smollm2 = pytest.mark.skipif(
@@ -179,13 +196,18 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
+FIRST_CONVERSION: dict[str, bool] = {}
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """SmolLM2 converted into a fresh cache (about 20 s), then loaded."""
     old = os.environ.get("FEDSRD_CACHE")
     os.environ["FEDSRD_CACHE"] = str(tmp_path_factory.mktemp("fedsrd-cache"))
     try:
+        rng = torch.random.get_rng_state()
         folder = default_model_dir()
+        FIRST_CONVERSION["rng_kept"] = torch.equal(torch.random.get_rng_state(), rng)
         model, tokenizer = load_model()
     finally:
         if old is None:
@@ -193,6 +215,13 @@ def converted(tmp_path_factory):
         else:
             os.environ["FEDSRD_CACHE"] = old
     return folder, model, tokenizer
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_first_conversion_keeps_the_rng(converted):
+    """The real conversion draws from torch's RNG; the first run must still match a cached one."""
+    assert FIRST_CONVERSION["rng_kept"]
 
 
 @pytest.mark.slow

@@ -89,7 +89,11 @@ def default_model_dir() -> Path:
     logger.warning("converting %s to a Hugging Face folder once, into %s", source.name, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
     try:
-        _convert_gguf(source, tmp)
+        # Loading the GGUF initialises weights from torch's global RNG before it overwrites
+        # them: without the fork a first (converting) run drew its LoRA init from another
+        # RNG state than every later run with the same seed (train loss 3.271547 vs 3.270472).
+        with torch.random.fork_rng(devices=[]):
+            _convert_gguf(source, tmp)
         try:
             tmp.rename(target)
         except OSError:
@@ -119,7 +123,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
     source = default_model_dir() if name_or_path is None else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    if False:
+    if name_or_path is None:
         model.name_or_path = model.config.name_or_path = DEFAULT_MODEL_ID
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
