@@ -1,6 +1,8 @@
-"""Configuration dataclasses, validated at construction.
+"""Configuration dataclasses, validated at construction, and the package's fixed numeric rules.
 
 A bad value fails when the object is built, not rounds later inside a kernel.
+The rules below (work dtype, element limit, value and factor dtypes) are defined
+here once; every other module imports them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,34 @@ Selection = Literal["importance", "magnitude", "random", "dense"]
 SELECTIONS: tuple[str, ...] = ("importance", "magnitude", "random", "dense")
 RESCALE_SPACES: tuple[str, ...] = ("params", "dw")
 
+# The dtype of the server's factor math (reconstruction, decompose, the streaming
+# sketches, upload diagnostics). W_r - B A (and R - T in diagnostics) subtracts two
+# nearly equal matrices: a float32 path loses ~1e-3 relative accuracy there, float64
+# keeps ~1e-12 (see kernels/factored.py). On the factors the float64 working set is
+# O(m (d_out + d_in) r), so the precision is cheap.
+WORK_DTYPE = torch.float64
+
+# Elements the seeded download mask covers in one tensor, and elements one wire payload
+# may declare (all its tensors together, so every tensor of a decoded payload can be
+# masked). Philox's element rule (kernels/philox.py) runs counter i // 4 as one uint32,
+# so it reaches 4 * 2**32 = 2**34 elements; csrc/bindings.cpp holds the C++ copy
+# (kMaxSeededNumel), which cannot import this one.
+MAX_NUMEL = 4 * 2**32
+
 # Wire dtypes for transmitted values, by name. fp32 is the default; bf16/fp16
 # halve the value bytes at the cost of ~3 / ~4 significant decimal digits.
+# The download kernels (Triton and CUDA) take exactly these as value dtypes.
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+# Factor dtypes the seeded expand-add kernels (Triton and CUDA) take: the adapter
+# dtypes trained in practice. They add in float32 and round back with torch's bits,
+# to equal server.apply's torch path bit for bit (bfloat16's round-to-nearest-even is
+# written out in integer ops: Triton's interpreter truncates). They refuse others.
+FACTOR_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 
 
 def check_value_dtype(name: str) -> torch.dtype:
@@ -37,8 +60,8 @@ def check_value_dtype(name: str) -> torch.dtype:
 
 
 def check_probability(name: str, value: float, *, allow_one: bool = False) -> None:
-    upper_ok = value <= 1.0 if allow_one else value < 1.0
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0 and upper_ok):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0
+            and (value <= 1.0 if allow_one else value < 1.0)):  # the type first: None < 1.0 is a TypeError
         bound = "[0, 1]" if allow_one else "[0, 1)"
         raise ConfigError(f"{name} must be a finite number in {bound}, got {value!r}")
 

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import check_probability
+from .config import WORK_DTYPE, check_probability
 from .errors import ConfigError
 from .kernels import decompose as reference
 from .kernels import factored
+from .kernels._backend import check_backend_name
 from .kernels.reconstruct import stack_client_factors_dispatch
 from .lora import LoraPair, StateDict
 from .updates import SparseUpdate
 
 PATHS = ("auto", "delta", "exact", "randomized", "reference")
-FLOAT = torch.float64
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,62 @@ class DecomposeOptions:
     backend: str | None = None  # of the client-delta reconstruction kernel (see kernels._backend)
 
     def __post_init__(self) -> None:
-        if self.path not in PATHS:
-            raise ConfigError(f"path must be one of {PATHS}, got {self.path!r}")
-        if not self.truncate and self.path in ("exact", "randomized"):
-            raise ConfigError(f"path {self.path!r} computes an SVD; FedSRD-e has none (use 'delta' or 'reference')")
-        if self.truncate and self.path == "delta":
-            raise ConfigError("path 'delta' skips the SVD; it serves FedSRD-e only")
-        check_probability("projection_rtol", self.projection_rtol)
-        for name in ("oversample", "power_iters"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 0):
-                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
-        if not (isinstance(self.memory_budget, int) and self.memory_budget > 0):
-            raise ConfigError(f"memory_budget must be a positive int (bytes), got {self.memory_budget!r}")
+        check_options(truncate=self.truncate, path=self.path, rank=self.rank, projection_rtol=self.projection_rtol,
+                      oversample=self.oversample, power_iters=self.power_iters, memory_budget=self.memory_budget,
+                      backend=self.backend)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(
+    *,
+    truncate: bool | None,
+    path: str,
+    rank: int | None,
+    projection_rtol: float,
+    oversample: int,
+    power_iters: int,
+    memory_budget: int,
+    backend: str | None,
+) -> None:
+    """The one check of the decompose options: ConfigError naming the argument and its bad value.
+
+    ``Aggregator`` runs it for every method (a baseline ignores these options, but a
+    typo in them is still refused) and ``DecomposeOptions`` on construction.
+    ``truncate`` is the method's SVD_r for a FedSRD server rule (True: FedSRD,
+    False: FedSRD-e), which rules out the other method's paths; None for a method
+    that does not decompose, whose path is checked by name only.
+    """
+    if path not in PATHS:
+        raise ConfigError(f"path must be one of {PATHS}, got {path!r}")
+    if truncate is False and path in ("exact", "randomized"):
+        raise ConfigError(f"path {path!r} computes an SVD; FedSRD-e has none (use 'delta' or 'reference')")
+    if truncate is True and path == "delta":
+        raise ConfigError("path 'delta' skips the SVD; it serves FedSRD-e only")
+    if rank is not None and not (_is_int(rank) and rank >= 1):
+        raise ConfigError(f"rank must be an int >= 1 or None, got {rank!r}")
+    check_probability("projection_rtol", projection_rtol)
+    for name, value in (("oversample", oversample), ("power_iters", power_iters)):
+        if not (_is_int(value) and value >= 0):
+            raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+    if not (_is_int(memory_budget) and memory_budget > 0):
+        raise ConfigError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
+    check_backend_name(backend)
+
+
+def truncation_rank(rank: int | None, pair: LoraPair) -> int:
+    """The rank of the SVD_r truncation for ``pair`` (FedSRD, FlexLoRA, the FedSRD stream): the one rank rule.
+
+    ``rank`` is the Aggregator's: None means the pair's own LoRA rank r; a rank above
+    r is refused (the new factors hold r columns), naming the pair.
+    """
+    if rank is None:
+        return pair.rank
+    if rank > pair.rank:
+        raise ConfigError(f"rank {rank} exceeds the LoRA rank {pair.rank} of {pair.prefix!r}")
+    return rank
 
 
 @dataclass(frozen=True)
@@ -162,7 +205,7 @@ def decompose(
     for (_, _, _, _, device), group in groups.items():
         first = group[0]
         path = choose_path(options, len(updates), first)
-        rank = first.rank if options.rank is None else options.rank
+        rank = truncation_rank(options.rank, first)
         rtol = projection_rtols(first, global_state[first.a_key].dtype, options.projection_rtol)
         chunk = max(1, options.memory_budget // _bytes_per_pair(first, len(updates), path, options))
         generator = range_generator(options.seed, round, (first.d_out, first.d_in, first.rank))
@@ -185,15 +228,15 @@ def _client_stack(updates: Sequence[SparseUpdate], keys: list[str], base: torch.
     blocks = []
     for g, key in enumerate(keys):
         stack = stack_client_factors_dispatch(base[g], [u.deltas.get(key) for u in updates], [1.0] * m,
-                                              factor=factor, include_base=False, dtype=FLOAT, backend=backend)
+                                              factor=factor, include_base=False, dtype=WORK_DTYPE, backend=backend)
         rows, cols = base.shape[1:]
         blocks.append(stack.view(rows, m, cols).transpose(0, 1) if factor == "B" else stack.view(m, rows, cols))
     return torch.stack(blocks)
 
 
 def _decompose_batch(global_state, updates, pairs, p, round, options, path, rank, rtol, generator, device):
-    b = torch.stack([global_state[pair.b_key] for pair in pairs]).to(FLOAT)
-    a = torch.stack([global_state[pair.a_key] for pair in pairs]).to(FLOAT)
+    b = torch.stack([global_state[pair.b_key] for pair in pairs]).to(WORK_DTYPE)
+    a = torch.stack([global_state[pair.a_key] for pair in pairs]).to(WORK_DTYPE)
     d_b = _client_stack(updates, [pair.b_key for pair in pairs], b, "B", options.backend)
     d_a = _client_stack(updates, [pair.a_key for pair in pairs], a, "A", options.backend)
     plans = plan_moves(b, a, round, rtol)
@@ -236,5 +279,5 @@ def describe(results: dict[str, PairDecomposition]) -> str:
     return f"{len(results)} pairs via {'/'.join(paths) or 'none'}{worst}"
 
 
-__all__ = ["PATHS", "DecomposeOptions", "PairDecomposition", "choose_path", "decompose", "describe",
-           "plan_moves", "range_generator", "scheduled_factor"]
+__all__ = ["PATHS", "DecomposeOptions", "PairDecomposition", "check_options", "choose_path", "decompose", "describe",
+           "plan_moves", "range_generator", "scheduled_factor", "truncation_rank"]

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from .client import densify
+from .config import WORK_DTYPE
 from .lora import StateDict, lora_layout
 from .updates import SparseUpdate
-
-WORK = torch.float64
 
 
 def lowrank_inner(left_1: torch.Tensor, right_1: torch.Tensor, left_2: torch.Tensor,
@@ -67,7 +66,7 @@ def pair_fidelity(b_prev: torch.Tensor, a_prev: torch.Tensor, b_local: torch.Ten
                   b_rebuilt: torch.Tensor, a_rebuilt: torch.Tensor) -> Fidelity:
     """Fidelity of ``b_rebuilt a_rebuilt - b_prev a_prev`` to ``b_local a_local - b_prev a_prev`` (float64)."""
     b_prev, a_prev, b_local, a_local, b_rebuilt, a_rebuilt = (
-        t.to(WORK) for t in (b_prev, a_prev, b_local, a_local, b_rebuilt, a_rebuilt))
+        t.to(WORK_DTYPE) for t in (b_prev, a_prev, b_local, a_local, b_rebuilt, a_rebuilt))
     true_left, true_right = torch.cat([b_local, b_prev], 1), torch.cat([a_local, -a_prev], 0)
     rebuilt_left, rebuilt_right = torch.cat([b_rebuilt, b_prev], 1), torch.cat([a_rebuilt, -a_prev], 0)
     return Fidelity(
@@ -91,8 +90,8 @@ def upload_diagnostics(global_state: StateDict, local_state: StateDict,
     pairs, matrices, total = {}, {}, Fidelity(0.0, 0.0, 0.0)
     for pair in layout.pairs:
         b_prev, a_prev = global_state[pair.b_key], global_state[pair.a_key]
-        b_rebuilt = b_prev.to(WORK) + sent[pair.b_key].to(WORK) if pair.b_key in sent else b_prev
-        a_rebuilt = a_prev.to(WORK) + sent[pair.a_key].to(WORK) if pair.a_key in sent else a_prev
+        b_rebuilt = b_prev.to(WORK_DTYPE) + sent[pair.b_key].to(WORK_DTYPE) if pair.b_key in sent else b_prev
+        a_rebuilt = a_prev.to(WORK_DTYPE) + sent[pair.a_key].to(WORK_DTYPE) if pair.a_key in sent else a_prev
         fidelity = pair_fidelity(b_prev, a_prev, local_state[pair.b_key], local_state[pair.a_key], b_rebuilt,
                                  a_rebuilt)
         total = total + fidelity

@@ -10,7 +10,7 @@ as plain tensors and never drops them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +49,17 @@ class LoraLayout:
     other_keys: tuple[str, ...]
 
     def factor_keys(self) -> set[str]:
-        return {key for pair in self.pairs for key in (pair.a_key, pair.b_key)}
+        """The lora_A and lora_B keys of every pair (``factor_keys(self.pairs)``)."""
+        return factor_keys(self.pairs)
+
+
+def factor_keys(pairs: Iterable[LoraPair]) -> set[str]:
+    """The lora_A and lora_B keys of ``pairs``: the one place that set is built.
+
+    A module function as well as ``LoraLayout.factor_keys`` because the server and
+    the stream hold their round's pairs as a list (``Aggregator.check_round_inputs``).
+    """
+    return {key for pair in pairs for key in (pair.a_key, pair.b_key)}
 
 
 def factor_of(key: str) -> str | None:

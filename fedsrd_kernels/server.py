@@ -15,7 +15,7 @@ import torch
 
 from .baselines import METHODS, MethodSpec, fedavg_pair, flexlora_pair
 from .config import SparsifyConfig, check_probability, check_value_dtype
-from .decompose import DecomposeOptions, decompose, scheduled_factor
+from .decompose import DecomposeOptions, check_options, decompose, scheduled_factor, truncation_rank
 from .errors import (
     AggregationError,
     BaseMismatchError,
@@ -28,7 +28,7 @@ from .errors import (
 from .kernels._backend import check_backend_name, resolve_backend
 from .kernels.decompose import weighted_mean
 from .kernels.philox import mask_key, seeded_keep_indices
-from .lora import LORA_A_SUFFIX, LoraPair, StateDict, check_state, factor_of, state_digest
+from .lora import LORA_A_SUFFIX, LoraPair, StateDict, check_state, factor_keys, factor_of, state_digest
 from .updates import FLOAT32_MAX, Broadcast, SparseTensor, SparseUpdate
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class Aggregator:
                    or "reference" (see fedsrd_kernels.decompose); the chosen one is reported.
     oversample, power_iters: the randomized path's extra columns and W W^T rounds.
     memory_budget: bytes of float64 working set per batched decompose call.
+                   The baselines ignore path, oversample, power_iters, memory_budget and
+                   projection_rtol, but every method checks them (decompose.check_options).
     norm_bound:    robust aggregation, off (None) by default: clip each client's
                    reconstructed update ||B_i A_i - B A||_F (whole adapter) to
                    norm_bound x the round's median. Clipping by c_i is applied as a
@@ -126,8 +128,11 @@ class Aggregator:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {method!r}")
         self.spec: MethodSpec = METHODS[method]
-        if rank is not None and not (isinstance(rank, int) and rank >= 1):
-            raise ConfigError(f"rank must be an int >= 1 or None, got {rank!r}")
+        fedsrd = self.spec.server == "fedsrd"
+        options = dict(path=path, rank=rank, projection_rtol=projection_rtol, oversample=oversample,
+                       power_iters=power_iters, memory_budget=memory_budget, backend=backend)
+        check_options(truncate=self.spec.truncate if fedsrd else None, **options)  # for every method
+        options["projection_rtol"] = float(projection_rtol)
         drop = self.spec.download_drop if download_drop is None else download_drop
         check_probability("download_drop", drop)
         if self.spec.server == "flexlora" and drop > 0:
@@ -138,7 +143,6 @@ class Aggregator:
         proximal_mu = self.spec.proximal_mu if mu is None else mu
         if not (isinstance(proximal_mu, (int, float)) and math.isfinite(proximal_mu) and proximal_mu >= 0):
             raise ConfigError(f"mu must be a finite number >= 0, got {mu!r}")
-        check_backend_name(backend)
         if norm_bound is not None and not (
             isinstance(norm_bound, (int, float)) and not isinstance(norm_bound, bool)
             and math.isfinite(norm_bound) and norm_bound > 0
@@ -153,10 +157,7 @@ class Aggregator:
         self.rank = rank
         self.download_drop = float(drop)
         self.seed = seed
-        self.decompose_options = DecomposeOptions(
-            truncate=self.spec.truncate, path=path, rank=rank, projection_rtol=float(projection_rtol),
-            oversample=oversample, power_iters=power_iters, memory_budget=memory_budget, seed=seed, backend=backend,
-        ) if self.spec.server == "fedsrd" else None
+        self.decompose_options = DecomposeOptions(truncate=self.spec.truncate, seed=seed, **options) if fedsrd else None
         self.proximal_mu = float(proximal_mu)
         self.freeze_lora_A = self.spec.freeze_lora_A
         self.client_config = upload if upload is not None else SparsifyConfig(selection=self.spec.selection)
@@ -175,10 +176,8 @@ class Aggregator:
         if isinstance(round, bool) or not isinstance(round, int) or round < 1:
             raise AggregationError(f"round counts from 1, got {round!r}")
         pairs = list(check_state(global_state, "global_state").pairs)
-        if self.rank is not None:
-            for pair in pairs:
-                if self.rank > pair.rank:
-                    raise ConfigError(f"rank {self.rank} exceeds the LoRA rank {pair.rank} of {pair.prefix!r}")
+        for pair in pairs:
+            truncation_rank(self.rank, pair)  # every method: a rank above a pair's r is refused up front
         return pairs
 
     def check_update(self, name: str, update: object, global_state: StateDict, round: int) -> SparseUpdate:
@@ -265,8 +264,7 @@ class Aggregator:
                 continue
             b_prev, a_prev = global_state[pair.b_key], global_state[pair.a_key]
             if self.spec.server == "flexlora":
-                rank = pair.rank if self.rank is None else self.rank
-                new_b, new_a = flexlora_pair(b_prev, a_prev, d_b, d_a, p, rank)
+                new_b, new_a = flexlora_pair(b_prev, a_prev, d_b, d_a, p, truncation_rank(self.rank, pair))
                 replace[pair.b_key] = new_b.to(b_prev.dtype)
                 replace[pair.a_key] = new_a.to(a_prev.dtype)
                 report.moved[pair.prefix] = "AB"
@@ -277,7 +275,7 @@ class Aggregator:
                 key = pair.a_key if factor == "A" else pair.b_key
                 deltas[key] = self._download(key, delta, round)
         seeded = set(deltas) if self.download_drop > 0 else set()  # every factor delta went through DARE
-        pair_keys = {key for pair in pairs for key in (pair.a_key, pair.b_key)}
+        pair_keys = factor_keys(pairs)
         for key in sorted(global_state):
             if key in pair_keys:
                 continue
@@ -340,7 +338,7 @@ def reconstructed_norms(global_state: StateDict, updates: Sequence[SparseUpdate]
     V = [A; dA] (2r x d_in), so ||U V||_F^2 = sum((U^T U) * (V V^T)): two 2r x 2r Grams
     per pair and client, with no B A - B A cancellation. Other keys add ||delta||^2.
     """
-    pair_keys = {key for pair in pairs for key in (pair.a_key, pair.b_key)}
+    pair_keys = factor_keys(pairs)
     squares = torch.zeros(len(updates), dtype=torch.float64)
     for i, update in enumerate(updates):
         for pair in pairs:

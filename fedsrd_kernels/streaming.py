@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decompose import FLOAT, plan_moves, projection_rtols, range_generator, scheduled_factor
+from .config import WORK_DTYPE
+from .decompose import plan_moves, projection_rtols, range_generator, scheduled_factor, truncation_rank
 from .errors import AggregationError, ConfigError
 from .kernels.factored import gram_pinv, mT, project_core, svqb, truncate_core
 from .kernels.reconstruct import scatter_delta
-from .lora import LoraPair, StateDict, state_digest
+from .lora import LoraPair, StateDict, factor_keys, state_digest
 from .server import AggregationReport, check_finite_changes
 from .updates import Broadcast, SparseTensor, SparseUpdate
 
@@ -73,8 +74,8 @@ class RoundStream:
         self._probes = probes
         self._total_weight = 0.0
         self._count = 0
-        pair_keys = {k for pair in self._pairs for k in (pair.a_key, pair.b_key)}
-        self._other = {k: torch.zeros(v.shape, dtype=FLOAT, device=v.device)
+        pair_keys = factor_keys(self._pairs)
+        self._other = {k: torch.zeros(v.shape, dtype=WORK_DTYPE, device=v.device)
                        for k, v in global_state.items() if k not in pair_keys and v.is_floating_point()}
         self._other_touched: set[str] = set()
         shapes: dict[tuple, list[LoraPair]] = {}
@@ -86,8 +87,8 @@ class RoundStream:
 
     def _new_group(self, pairs: list[LoraPair]) -> _Group:
         g = self._global
-        b = torch.stack([g[p.b_key] for p in pairs]).to(FLOAT)
-        a = torch.stack([g[p.a_key] for p in pairs]).to(FLOAT)
+        b = torch.stack([g[p.b_key] for p in pairs]).to(WORK_DTYPE)
+        a = torch.stack([g[p.a_key] for p in pairs]).to(WORK_DTYPE)
         untouched = torch.zeros(len(pairs), dtype=torch.bool)
         group = _Group(pairs, b, a, torch.zeros_like(b), torch.zeros_like(a), untouched, untouched.clone())
         if self._kind == "avg":
@@ -109,13 +110,13 @@ class RoundStream:
         gen = range_generator(self._agg.seed, self._round, (d_out, d_in, r))
 
         def gauss(*shape):
-            return torch.randn(shape, generator=gen, dtype=FLOAT).to(b.device)
+            return torch.randn(shape, generator=gen, dtype=WORK_DTYPE).to(b.device)
         group.extra["omega"] = torch.cat([mT(a), gauss(count, d_in, width - r)], dim=-1)
         group.extra["psi"] = torch.cat([b, gauss(count, d_out, co_width - r)], dim=-1)
         group.extra["phi"] = gauss(count, d_in, self._probes)
-        group.extra["y"] = torch.zeros(count, d_out, width, dtype=FLOAT, device=b.device)
-        group.extra["z"] = torch.zeros(count, co_width, d_in, dtype=FLOAT, device=b.device)
-        group.extra["t"] = torch.zeros(count, d_out, self._probes, dtype=FLOAT, device=b.device)
+        group.extra["y"] = torch.zeros(count, d_out, width, dtype=WORK_DTYPE, device=b.device)
+        group.extra["z"] = torch.zeros(count, co_width, d_in, dtype=WORK_DTYPE, device=b.device)
+        group.extra["t"] = torch.zeros(count, d_out, self._probes, dtype=WORK_DTYPE, device=b.device)
         return group
 
     # -- folding --------------------------------------------------------------
@@ -145,7 +146,7 @@ class RoundStream:
 
     @staticmethod
     def _dense(group: _Group, update: SparseUpdate, attr: str, shape, touched: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(shape, dtype=FLOAT, device=group.b.device)
+        out = torch.zeros(shape, dtype=WORK_DTYPE, device=group.b.device)
         for i, pair in enumerate(group.pairs):
             sparse = update.deltas.get(getattr(pair, attr))
             if sparse is not None:
@@ -225,7 +226,7 @@ class RoundStream:
     def _sketch_deltas(self, group: _Group):
         """Both candidate deltas from the sketch (the cheap part; each pair keeps its move)."""
         s, x, b, a = self._total_weight, group.extra, group.b, group.a
-        rank = group.pairs[0].rank if self._agg.rank is None else self._agg.rank
+        rank = truncation_rank(self._agg.rank, group.pairs[0])
         y, z, t = x["y"] / s, x["z"] / s, x["t"] / s
         q_b = svqb(torch.cat([b, y], dim=-1))
         coeff = torch.linalg.pinv(mT(x["psi"]) @ q_b) @ z  # W ~ q_b coeff
@@ -235,7 +236,7 @@ class RoundStream:
         delta_b = project_core(q_b, core_delta, q_a, b, a, "B", rtol["B"])
         delta_a = project_core(q_b, core_delta, q_a, b, a, "A", rtol["A"])
         missed = t - q_b @ (coeff @ x["phi"])
-        norm = torch.linalg.vector_norm(t, dim=(-2, -1)).clamp_min(torch.finfo(FLOAT).tiny)
+        norm = torch.linalg.vector_norm(t, dim=(-2, -1)).clamp_min(torch.finfo(WORK_DTYPE).tiny)
         return delta_b, delta_a, torch.linalg.vector_norm(missed, dim=(-2, -1)) / norm
 
 

@@ -44,7 +44,7 @@ import safetensors.numpy
 import torch
 import zstandard
 
-from .config import VALUE_DTYPES
+from .config import MAX_NUMEL, VALUE_DTYPES
 from .errors import FormatVersionError, NonFiniteError, PayloadError, ShapeMismatchError, StateError
 from .lora import DIGEST_HEX_CHARS
 from .updates import Broadcast, SparseTensor, SparseUpdate, scaled_overflow
@@ -57,7 +57,8 @@ FORMAT_VERSION = 3
 TAG_BYTES = 16
 _TAG_PERSON = b"fedsrd-wire-v3"  # domain separation: not the digest of any other use of BLAKE2b
 METADATA_KEY = "fedsrd"
-MAX_NUMEL = 2**34  # declared elements per payload (all tensors together); also the Philox mask limit
+# config.MAX_NUMEL (2**34) caps the elements one payload declares, all tensors together: the default of
+# decode's max_numel, the most any dimension may hold, and what encode refuses to exceed.
 MAX_DIMS = 64  # numpy's limit; it keeps math.prod(shape) cheap (100k dims of 2**34 took 8.5 s of CPU)
 ZSTD_LEVEL = 3
 MiB = 2**20
@@ -177,7 +178,7 @@ def _check_entry(entry: dict, kind: str, error: type[Exception]) -> int:
     if entry["group"] not in (("delta",) if kind == "update" else ("delta", "replace")):
         raise error(f"{where}: group {entry['group']!r} is not allowed in a {kind}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(s, MAX_NUMEL + 1) for s in shape):
-        raise error(f"{where}: shape must be a list of at most {MAX_DIMS} ints in [0, 2**34], got {shape!r:.200}")
+        raise error(f"{where}: shape must be a list of at most {MAX_DIMS} ints in [0, {MAX_NUMEL}], got {shape!r:.200}")
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
         raise error(f"{where}: shape {shape} has {numel} elements, over the limit of {MAX_NUMEL}")

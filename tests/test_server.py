@@ -1,6 +1,7 @@
 """Server eq. 9-13 + DARE against the dense float64 oracle; baselines; edge cases."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -8,8 +9,10 @@ import torch
 
 import fedsrd_kernels as fk
 from fedsrd_kernels import oracle
+from fedsrd_kernels.decompose import PATHS, truncation_rank
 from fedsrd_kernels.kernels.decompose import project_delta, stack_factors, truncated_factors
 from fedsrd_kernels.kernels.philox import seeded_keep_indices
+from fedsrd_kernels.lora import factor_keys
 from tests.helpers import assert_unchanged, lora_state, perturbed, rel_err, snapshot
 
 SHAPES = [(1, 1), (6, 1), (1, 9), (33, 17), (80, 45)]
@@ -323,3 +326,60 @@ def test_backend_choice_is_checked():
     g = lora_state([(4, 4)], 1, gen=torch.Generator().manual_seed(0))
     with pytest.raises(fk.ConfigError, match="backend"):
         fk.apply(g, fk.Aggregator().aggregate(g, [fk.SparseUpdate({})], round=1), backend="fastest")
+
+
+BAD_OPTIONS = [
+    ("path", "bogus"), ("path", None), ("oversample", -1), ("oversample", 1.5), ("oversample", True),
+    ("power_iters", -1), ("power_iters", "2"), ("memory_budget", 0), ("memory_budget", 2.0**30),
+    ("projection_rtol", 1.0), ("projection_rtol", -0.1), ("projection_rtol", float("nan")), ("projection_rtol", None),
+    ("backend", "fastest"), ("rank", 0), ("rank", 2.0),
+]
+
+
+@pytest.mark.parametrize("method", sorted(fk.METHODS))
+@pytest.mark.parametrize("name,value", BAD_OPTIONS)
+def test_every_method_checks_every_option(method, name, value):
+    """Baselines ignore the decompose options but refuse bad ones, naming the argument and the value."""
+    with pytest.raises(fk.ConfigError, match=re.escape(name) + ".*" + re.escape(repr(value))):
+        fk.Aggregator(method, **{name: value})
+
+
+@pytest.mark.parametrize("method", sorted(fk.METHODS))
+def test_every_method_takes_every_path_name_it_can_run(method):
+    spec = fk.METHODS[method]
+    for path in PATHS:
+        wrong_side = spec.server == "fedsrd" and path in (("delta",) if spec.truncate else ("exact", "randomized"))
+        if wrong_side:
+            with pytest.raises(fk.ConfigError, match="path"):
+                fk.Aggregator(method, path=path)
+        else:
+            assert fk.Aggregator(method, path=path).method == method
+
+
+def test_truncation_rank_is_the_pairs_rank_unless_asked_and_never_above_it():
+    pair = fk.LoraPair(prefix="layer", rank=4, d_in=10, d_out=12)
+    assert truncation_rank(None, pair) == 4
+    assert truncation_rank(2, pair) == 2
+    assert truncation_rank(4, pair) == 4
+    with pytest.raises(fk.ConfigError, match="rank 5 exceeds the LoRA rank 4 of 'layer'"):
+        truncation_rank(5, pair)
+
+
+@pytest.mark.parametrize("method", sorted(fk.METHODS))
+def test_a_rank_above_a_pairs_rank_is_refused_before_any_work(method):
+    g = lora_state([(20, 10), (6, 5)], 2, gen=torch.Generator().manual_seed(33))
+    before = snapshot(g)
+    agg = fk.Aggregator(method, rank=3)
+    with pytest.raises(fk.ConfigError, match="rank 3 exceeds the LoRA rank 2"):
+        agg.aggregate(g, [fk.SparseUpdate({})], round=1)
+    assert agg.last_report is None
+    assert_unchanged(g, before)
+
+
+def test_factor_keys_is_the_set_of_lora_a_and_b_keys():
+    g = lora_state([(20, 10), (6, 5)], 2, gen=torch.Generator().manual_seed(34))
+    layout = fk.lora_layout(g)
+    want = {k for k in g if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+    assert len(want) == 4
+    assert layout.factor_keys() == want == factor_keys(layout.pairs)
+    assert want.isdisjoint(layout.other_keys) and want | set(layout.other_keys) == set(g)

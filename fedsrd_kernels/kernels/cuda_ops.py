@@ -37,8 +37,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import FACTOR_DTYPES, MAX_NUMEL, VALUE_DTYPES
 from ..errors import ConfigError, ShapeMismatchError
-from .philox import MAX_NUMEL, drop_threshold
+from .philox import drop_threshold
 
 __all__ = [
     "bitmap_compact",
@@ -118,8 +119,6 @@ def _philox_words_fake(counters, key, use_curand=False):
 # --------------------------------------------------------------------------- checks
 
 _COPY_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # compaction: a bit copy
-_FACTOR_DTYPES = (torch.float32, torch.bfloat16)
-_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _require_extension(what: str) -> None:
@@ -220,10 +219,10 @@ def bitmap_expand_add(
     """
     what = "bitmap_expand_add"
     _require_extension(what)
-    flat = _check_flat(what, "factor", factor, _FACTOR_DTYPES)
+    flat = _check_flat(what, "factor", factor, FACTOR_DTYPES)
     offsets = _offsets(offsets, flat.numel(), what)
     bitmap = _check_flat(what, "bitmap", bitmap.to(flat.device), (torch.uint8,))
-    values = _check_flat(what, "values", values.to(flat.device), _VALUE_DTYPES)
+    values = _check_flat(what, "values", values.to(flat.device), VALUE_DTYPES.values())
     scales_dev = _scales(scales, len(offsets) - 1, flat.device, what)
     return torch.ops.fedsrd.bitmap_expand_add(flat, bitmap, values, scales_dev, offsets).view(factor.shape)
 
@@ -256,8 +255,8 @@ def dare_compact_cuda(
     """
     what = "dare_compact_cuda"
     _require_extension(what)
-    if value_dtype not in _VALUE_DTYPES:
-        raise ConfigError(f"{what}: value_dtype must be one of {_VALUE_DTYPES}, got {value_dtype!r}")
+    if value_dtype not in VALUE_DTYPES.values():
+        raise ConfigError(f"{what}: value_dtype must be one of {tuple(VALUE_DTYPES.values())}, got {value_dtype!r}")
     flat = _check_flat(what, "flat", flat, (torch.float32, torch.float64))
     offsets = _offsets(offsets, flat.numel(), what, MAX_NUMEL)
     keys_dev = _keys(keys, len(offsets) - 1, flat.device, what)
@@ -277,9 +276,9 @@ def seeded_expand_add_cuda(
     """The client's seeded apply of a group: the contract of ``seeded_expand_add_grouped_triton``."""
     what = "seeded_expand_add_cuda"
     _require_extension(what)
-    flat = _check_flat(what, "factor", flat_factor, _FACTOR_DTYPES)
+    flat = _check_flat(what, "factor", flat_factor, FACTOR_DTYPES)
     offsets = _offsets(offsets, flat.numel(), what, MAX_NUMEL)
-    values = _check_flat(what, "values", values.to(flat.device), _VALUE_DTYPES)
+    values = _check_flat(what, "values", values.to(flat.device), VALUE_DTYPES.values())
     count = len(offsets) - 1
     return torch.ops.fedsrd.seeded_expand_add(
         flat, values, _keys(keys, count, flat.device, what), _scales(scales, count, flat.device, what), offsets,

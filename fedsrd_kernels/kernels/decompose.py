@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-FLOAT = torch.float64
+from ..config import WORK_DTYPE
 
 
 def projection_rtol(factor_shape: tuple[int, int], stored_dtype: torch.dtype) -> float:
@@ -36,12 +36,12 @@ def stack_factors(
 
     A client delta of None is zero. weights are the normalised p_i.
     """
-    b64, a64 = b_prev.to(FLOAT), a_prev.to(FLOAT)
-    roots = weights.to(FLOAT).sqrt()
+    b64, a64 = b_prev.to(WORK_DTYPE), a_prev.to(WORK_DTYPE)
+    roots = weights.to(WORK_DTYPE).sqrt()
     b_blocks, a_blocks = [], []
     for root, d_b, d_a in zip(roots, client_d_b, client_d_a):
-        b_i = b64 if d_b is None else b64 + d_b.to(FLOAT)
-        a_i = a64 if d_a is None else a64 + d_a.to(FLOAT)
+        b_i = b64 if d_b is None else b64 + d_b.to(WORK_DTYPE)
+        a_i = a64 if d_a is None else a64 + d_a.to(WORK_DTYPE)
         b_blocks.append(root * b_i)
         a_blocks.append(root * a_i)
     return torch.cat(b_blocks, dim=1), torch.cat(a_blocks, dim=0)
@@ -71,7 +71,7 @@ def project_delta(
     A A^+ (or B^+ B) is kept rather than replaced by I so a rank-deficient
     factor projects consistently.
     """
-    b64, a64 = b_prev.to(FLOAT), a_prev.to(FLOAT)
+    b64, a64 = b_prev.to(WORK_DTYPE), a_prev.to(WORK_DTYPE)
     if move == "B":
         a_pinv = torch.linalg.pinv(a64, rtol=rtol)  # d_in x r
         return left @ (right @ a_pinv) - b64 @ (a64 @ a_pinv)
@@ -83,8 +83,8 @@ def project_delta(
 
 def weighted_mean(deltas: list[torch.Tensor | None], weights: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """sum_i p_i delta_i in float64 (None = zero delta)."""
-    total = torch.zeros(shape, dtype=FLOAT)
-    for weight, delta in zip(weights.to(FLOAT), deltas):
+    total = torch.zeros(shape, dtype=WORK_DTYPE)
+    for weight, delta in zip(weights.to(WORK_DTYPE), deltas):
         if delta is not None:
-            total += weight * delta.to(FLOAT)
+            total += weight * delta.to(WORK_DTYPE)
     return total

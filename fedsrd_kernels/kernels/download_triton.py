@@ -50,9 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import check_value_dtype
+from ..config import FACTOR_DTYPES, MAX_NUMEL, VALUE_DTYPES, check_value_dtype
 from ..errors import ConfigError, ShapeMismatchError
-from .philox import MAX_NUMEL, drop_threshold
+from .philox import drop_threshold
 
 __all__ = [
     "dare_compact_grouped_triton",
@@ -66,8 +66,6 @@ COUNTERS = 1024
 BLOCK = 4 * COUNTERS
 NUM_WARPS = 8
 
-_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FACTOR_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -220,8 +218,8 @@ def _check_key(key: object, what: str) -> int:
 
 def _value_dtype(value_dtype: torch.dtype | str) -> torch.dtype:
     dtype = check_value_dtype(value_dtype) if isinstance(value_dtype, str) else value_dtype
-    if dtype not in _VALUE_DTYPES:
-        raise ConfigError(f"value_dtype must be one of {_VALUE_DTYPES}, got {value_dtype!r}")
+    if dtype not in VALUE_DTYPES.values():
+        raise ConfigError(f"value_dtype must be one of {tuple(VALUE_DTYPES.values())}, got {value_dtype!r}")
     return dtype
 
 
@@ -346,7 +344,7 @@ def seeded_expand_add_grouped_triton(
     ``keys[t]``, multiplied by ``scales[t]`` rounded to float32.
     """
     what = "seeded_expand_add_grouped_triton"
-    if flat_factor.dim() != 1 or flat_factor.dtype not in _FACTOR_DTYPES:
+    if flat_factor.dim() != 1 or flat_factor.dtype not in FACTOR_DTYPES:
         raise ShapeMismatchError(
             f"{what}: factor must be a 1-D float32/bfloat16 buffer, got {flat_factor.dtype} {tuple(flat_factor.shape)}"
         )

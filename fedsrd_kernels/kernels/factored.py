@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import torch
 
-FLOAT = torch.float64
-
 
 def mT(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)

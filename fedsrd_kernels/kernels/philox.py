@@ -7,7 +7,8 @@ and any device can rebuild the same mask bit for bit.
 
 Element rule (every implementation, CPU or GPU, must follow it exactly)
 ----------------------------------------------------------------------
-Given a tensor of ``numel`` elements (``numel <= 4 * 2**32``), a 63-bit key
+Given a tensor of ``numel <= 4 * 2**32`` elements (``config.MAX_NUMEL``: the counter
+``i // 4`` is one uint32), a 63-bit key
 ``K = mask_key(seed, round, name)`` and a drop rate ``0 <= drop < 1``:
 
 * ``T = floor(drop * 2**32)``, an integer in ``[0, 2**32)`` (:func:`drop_threshold`).
@@ -43,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..config import MAX_NUMEL
 from ..errors import ConfigError
 
 __all__ = [
@@ -65,9 +67,6 @@ _PHILOX_ROUNDS = 10
 _U32_MASK = 0xFFFFFFFF
 _U32_MASK_NP = np.uint64(_U32_MASK)
 _SHIFT_32 = np.uint64(32)
-
-#: Largest tensor the element rule covers: the counter ``i // 4`` is one uint32.
-MAX_NUMEL = 4 * 2**32
 
 _MASK_DOMAIN = b"fedsrd-download-mask/v1\0"
 
@@ -168,7 +167,7 @@ def drop_threshold(drop: float) -> int:
 
 def _check_numel(numel: int) -> int:
     if not _is_int(numel) or not 0 <= numel <= MAX_NUMEL:
-        raise ConfigError(f"numel must be an int in [0, 4 * 2**32], got {numel!r}")
+        raise ConfigError(f"numel must be an int in [0, {MAX_NUMEL}], got {numel!r}")
     return int(numel)
 
 

@@ -37,8 +37,7 @@ from ..diagnostics import summarise, upload_diagnostics
 from ..errors import ConfigError, StateError
 from ..intake import Submission, run_round
 from ..lora import state_digest
-from ..server import apply
-from ..wire import broadcast_numel, comm_cost, decode, encode
+from ..wire import comm_cost, encode
 from .config import RunConfig
 from .residuals import load_residual, prune_residuals, run_id, save_residual
 from .train import Text, adapter_state, heldout_loss, load_adapter_state, train_locally
@@ -163,11 +162,13 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
 
 
-def sample_clients(names: list[str], cfg: RunConfig, round_: int) -> list[str]:
-    count = max(1, round(cfg.participation * len(names)))
+def sample_clients(names: list[str], participation: float, seed: int, round_: int) -> list[str]:
+    """The clients that train in ``round_``: a seeded ``participation`` share of ``names`` (at least one),
+    in sorted order; the runner samples client names, the Flower strategy node ids."""
+    count = max(1, round(participation * len(names)))
     if count >= len(names):
         return list(names)
-    return sorted(random.Random(f"{cfg.seed}/{round_}").sample(names, count))
+    return sorted(random.Random(f"{seed}/{round_}").sample(names, count))
 
 
 def resume_state(out: Path, cfg: RunConfig, initial: dict[str, torch.Tensor], log) -> ServerState:
@@ -229,7 +230,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         pending.mkdir(parents=True, exist_ok=True)
         # the last committed round's digest (ServerState.load checked it against the adapter)
         base = server.records[-1]["digest"] if server.records else state_digest(global_state)
-        chosen = sample_clients(sorted(by_name), cfg, round_)
+        chosen = sample_clients(sorted(by_name), cfg.participation, cfg.seed, round_)
         submissions, train_loss, client_seconds, diagnostics = [], {}, {}, {}
         for name in chosen:
             client, saved = by_name[name], pending / f"{name}.fsrd"
@@ -269,10 +270,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
             submissions.append(Submission(name, payload, weight=len(client.train)))
         start = time.perf_counter()
         outcome = run_round(agg, global_state, submissions, round_, base=base, min_updates=cfg.min_updates)
-        download, broadcast = b"", outcome.broadcast
-        if broadcast is not None:
-            download = encode(broadcast)
-            global_state = apply(global_state, decode(download, max_numel=broadcast_numel(global_state)), base=base)
+        download, broadcast, global_state = outcome.download, outcome.broadcast, outcome.global_state
         server_seconds = time.perf_counter() - start
         for name, reason in outcome.rejected.items():
             log(f"round {round_}: rejected {name}: {reason}")
