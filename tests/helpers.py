@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedsrd_kernels.runner.loop import stable_seed
+
+
+def seeded_gen(*parts) -> torch.Generator:
+    """A generator seeded from ``parts`` alike in every process (``hash`` of a str is salted per process)."""
+    return torch.Generator().manual_seed(stable_seed(*parts))
+
 
 def lora_state(shapes, rank, *, gen, zero_b=False, extra=True, dtype=torch.float32):
     """A PEFT-like state dict: one pair per (d_out, d_in), plus a bias key."""

@@ -19,6 +19,8 @@ pytest.importorskip("peft")
 import fedsrd_kernels as fk  # noqa: E402
 from fedsrd_kernels.runner.loop import STATE_FILE, ServerState  # noqa: E402
 
+pytestmark = pytest.mark.slow  # 20 SIGKILLs over a 16-round run, then 28 crashed and resumed 2-round runs
+
 KILLS = int(os.environ.get("FEDSRD_KILLS", "20"))
 ROUNDS = 16
 TEXTS = {

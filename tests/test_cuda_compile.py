@@ -32,7 +32,11 @@ NVCC_FLAGS = [
 ]  # fmt: skip
 TIMEOUT_S = 300
 
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compiled here")
+
+def needs_nvcc(test):
+    """Skipped without nvcc; slow with it (the first such test waits for every compile)."""
+    skip = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compiled here")
+    return pytest.mark.slow(skip(test))
 
 
 def _nvcc(args: list[str]) -> subprocess.CompletedProcess:

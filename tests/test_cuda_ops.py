@@ -23,7 +23,7 @@ from fedsrd_kernels.kernels._backend import cuda_extension_available, cuda_exten
 from fedsrd_kernels.kernels.philox import mask_key, philox4x32_10, seeded_keep_indices, seeded_keep_mask
 from fedsrd_kernels.kernels.scoring import keep_count
 from fedsrd_kernels.updates import SparseTensor
-from tests.helpers import assert_bitwise_equal
+from tests.helpers import assert_bitwise_equal, seeded_gen
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda_extension_available()),
@@ -41,10 +41,6 @@ GROUP = [1023, 0, 5, 4097, 1, 0, 64 * 3, 33, 8192 + 5]  # tensor boundaries at e
 DENSITIES = [0.0, 0.05, 0.5, 1.0]
 COPY_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SEED, ROUND = 2024, 3
-
-
-def _gen(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(parts) % 2**31)
 
 
 def _offsets(sizes) -> list[int]:
@@ -72,7 +68,7 @@ def _f32(x: float) -> float:
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("dtype", COPY_DTYPES)
 def test_bitmap_compact_matches_packbits_and_gather(sizes, density, dtype):
-    gen = _gen(tuple(sizes), density, dtype)
+    gen = seeded_gen(tuple(sizes), density, dtype)
     offsets = _offsets(sizes)
     values = torch.randn(offsets[-1], generator=gen, dtype=torch.float64).to(dtype)
     mask = _masks(sizes, density, gen)
@@ -89,7 +85,7 @@ def test_bitmap_bytes_are_what_wire_sends():
     """wire.py's bitmap positions are np.packbits of the mask: the device bytes decode there."""
     from fedsrd_kernels.wire import _decode_positions
 
-    mask = torch.rand(12_345, generator=_gen("wire")) < 0.2
+    mask = torch.rand(12_345, generator=seeded_gen("wire")) < 0.2
     bitmap, _, _ = cuda_ops.bitmap_compact(torch.zeros(mask.numel(), device=DEVICE), mask.to(DEVICE))
     entry = {"positions": "bitmap", "nnz": int(mask.sum())}
     indices = _decode_positions(entry, mask.numel(), bitmap.cpu().numpy().tobytes(), "test")
@@ -115,7 +111,7 @@ def _reference_apply(factor, values, mask, offsets, scales):
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bitmap_expand_add_matches_apply(sizes, density, factor_dtype, value_dtype):
-    gen = _gen(tuple(sizes), density, factor_dtype, value_dtype)
+    gen = seeded_gen(tuple(sizes), density, factor_dtype, value_dtype)
     offsets = _offsets(sizes)
     factor = torch.randn(offsets[-1], generator=gen).to(factor_dtype)
     factor[::7] = -0.0  # -0.0 + 0.0 at dropped positions is +0.0 in torch; the kernel must agree
@@ -128,7 +124,7 @@ def test_bitmap_expand_add_matches_apply(sizes, density, factor_dtype, value_dty
 
 
 def test_bitmap_round_trip_through_the_device():
-    gen = _gen("round trip")
+    gen = seeded_gen("round trip")
     offsets = _offsets(GROUP)
     delta = torch.randn(offsets[-1], generator=gen, dtype=torch.float32)
     mask = _masks(GROUP, 0.1, gen)
@@ -206,7 +202,7 @@ def test_seeded_keep_mask_matches_cpu(size, drop):
 @pytest.mark.parametrize("source_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dare_compact_matches_seeded_indices_and_gather(drop, source_dtype, value_dtype):
-    gen = _gen(drop, source_dtype, value_dtype)
+    gen = seeded_gen(drop, source_dtype, value_dtype)
     names = [f"t{i}" for i in range(len(GROUP))]
     keys = [mask_key(SEED, ROUND, n) for n in names]
     offsets = _offsets(GROUP)
@@ -223,7 +219,7 @@ def test_dare_compact_matches_seeded_indices_and_gather(drop, source_dtype, valu
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
 def test_seeded_expand_add_matches_apply(drop, factor_dtype, value_dtype):
-    gen = _gen("seeded", drop, factor_dtype, value_dtype)
+    gen = seeded_gen("seeded", drop, factor_dtype, value_dtype)
     names = [f"t{i}" for i in range(len(GROUP))]
     keys = [mask_key(SEED, ROUND, n) for n in names]
     offsets = _offsets(GROUP)
@@ -240,7 +236,7 @@ def test_seeded_ops_match_triton():
     triton = pytest.importorskip("triton")  # noqa: F841
     from fedsrd_kernels.kernels.download_triton import dare_compact_grouped_triton, seeded_expand_add_grouped_triton
 
-    gen = _gen("vs triton")
+    gen = seeded_gen("vs triton")
     offsets = _offsets(GROUP)
     keys = [mask_key(SEED, ROUND, f"k{i}") for i in range(len(GROUP))]
     flat = torch.randn(offsets[-1], generator=gen, dtype=torch.float64).to(DEVICE)
@@ -285,7 +281,7 @@ def _scores(n: int, kind: str, gen) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["continuous", "ties", "constant", "signed"])
 @pytest.mark.parametrize("shift", range(5))
 def test_topk_thresholds_are_exact(kind, shift):
-    gen = _gen("topk", kind)
+    gen = seeded_gen("topk", kind)
     sizes = [0, 1, 2, 5, 33, 1000, 4097, 65_537, 300_001]
     offsets = _offsets(sizes)
     scores = torch.cat([_scores(n, kind, gen) for n in sizes])
@@ -307,7 +303,7 @@ def test_topk_thresholds_are_exact(kind, shift):
 
 def test_topk_threshold_k_stays_on_device():
     """k computed on the GPU (as the kurtosis ratio is) goes straight in: no host round trip needed."""
-    scores = torch.rand(10_000, generator=_gen("device k")).to(DEVICE)
+    scores = torch.rand(10_000, generator=seeded_gen("device k")).to(DEVICE)
     k = torch.tensor([1234], device=DEVICE)
     threshold, ties = cuda_ops.topk_thresholds(scores, [0, 10_000], k)
     assert threshold.device.type == "cuda" and ties.device.type == "cuda"
@@ -328,7 +324,7 @@ def test_backend_reports_the_extension():
 
 
 def _opcheck_cases():
-    gen = _gen("opcheck")
+    gen = seeded_gen("opcheck")
     offsets = _offsets([33, 0, 4097])
     n = offsets[-1]
     values = torch.randn(n, generator=gen).to(DEVICE)

@@ -17,19 +17,13 @@ from fedsrd_kernels.kernels.download_triton import (  # noqa: E402
 from fedsrd_kernels.kernels.philox import mask_key, seeded_keep_indices, seeded_keep_mask  # noqa: E402
 from fedsrd_kernels.server import Aggregator, apply  # noqa: E402
 from fedsrd_kernels.updates import Broadcast  # noqa: E402
-from tests.helpers import assert_bitwise_equal, kernel_device
+from tests.helpers import assert_bitwise_equal, kernel_device, seeded_gen
 
 SHAPES = [(1,), (3,), (1023,), (4097,), (1023, 3), (1, 64)]
 DROPS = [0.0, 0.5, 0.8]
 VALUE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 GROUP_SHAPES = [(1023, 3), (1,), (0,), (4097,), (1, 64), (5, 7), (3,)]
 SEED, ROUND = 2024, 3
-
-
-
-def _gen(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(parts) % 2**31)
-
 
 
 def _broadcast(deltas: dict, drop: float) -> Broadcast:
@@ -47,7 +41,7 @@ def _broadcast(deltas: dict, drop: float) -> Broadcast:
 @pytest.mark.parametrize("source_dtype", [torch.float32, torch.float64])
 def test_compact_matches_seeded_keep_indices_and_gather(shape, drop, value_dtype, source_dtype):
     name = f"layers.{len(shape)}.lora_B.weight"
-    delta = torch.randn(shape, generator=_gen(shape, drop, source_dtype), dtype=source_dtype)
+    delta = torch.randn(shape, generator=seeded_gen(shape, drop, source_dtype), dtype=source_dtype)
     indices, values = dare_compact_triton(delta.to(kernel_device()), mask_key(SEED, ROUND, name), drop, value_dtype)
     kept = seeded_keep_indices(delta.numel(), seed=SEED, round=ROUND, name=name, drop=drop)
     assert indices.dtype == torch.int64
@@ -59,7 +53,7 @@ def test_compact_matches_seeded_keep_indices_and_gather(shape, drop, value_dtype
 @pytest.mark.parametrize("value_dtype", list(VALUE_DTYPES))
 def test_compact_matches_aggregator_download(drop, value_dtype):
     key, shape = "model.layers.0.mlp.up_proj.lora_A.weight", (64, 33)
-    delta = torch.randn(shape, generator=_gen(drop, value_dtype), dtype=torch.float64)
+    delta = torch.randn(shape, generator=seeded_gen(drop, value_dtype), dtype=torch.float64)
     server = Aggregator("fedsrd", download_drop=drop, seed=SEED, value_dtype=VALUE_DTYPES[value_dtype])
     sparse = server._download(key, delta, ROUND)
     indices, values = dare_compact_triton(delta.to(kernel_device()), mask_key(SEED, ROUND, key), drop, value_dtype)
@@ -70,7 +64,7 @@ def test_compact_matches_aggregator_download(drop, value_dtype):
 
 @pytest.mark.parametrize("key", [0, 1, 2**32, 0x1234_5678_9ABC_DEF0, 2**63 - 1])
 def test_compact_keys_at_the_edges(key):
-    delta = torch.randn(4097, generator=_gen(key), dtype=torch.float32)
+    delta = torch.randn(4097, generator=seeded_gen(key), dtype=torch.float32)
     indices, values = dare_compact_triton(delta.to(kernel_device()), key, 0.5, torch.float32)
     mask = seeded_keep_mask(4097, key, 0.5)
     assert torch.equal(indices.cpu(), torch.nonzero(mask).flatten())
@@ -90,7 +84,7 @@ def test_compact_bfloat16_rounds_to_nearest_even_and_keeps_specials():
 @pytest.mark.parametrize("drop", [0.0, 0.8])
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
 def test_grouped_compact_matches_each_tensor(drop, value_dtype):
-    tensors = [torch.randn(s, generator=_gen(s, drop), dtype=torch.float64) for s in GROUP_SHAPES]
+    tensors = [torch.randn(s, generator=seeded_gen(s, drop), dtype=torch.float64) for s in GROUP_SHAPES]
     names = [f"layers.{i}.lora_A.weight" for i in range(len(tensors))]
     flat = torch.cat([t.flatten() for t in tensors]).to(kernel_device())
     offsets = [0]
@@ -114,7 +108,7 @@ def test_grouped_compact_matches_each_tensor(drop, value_dtype):
 @pytest.mark.parametrize("value_dtype", list(VALUE_DTYPES))
 def test_expand_add_matches_apply(shape, drop, factor_dtype, value_dtype):
     key = "model.layers.1.self_attn.q_proj.adapter"  # apply() needs LoRA keys in pairs: a plain key
-    gen = _gen(shape, drop, factor_dtype, value_dtype)
+    gen = seeded_gen(shape, drop, factor_dtype, value_dtype)
     factor = torch.randn(shape, generator=gen).to(factor_dtype)
     factor.view(-1)[::5] = -0.0  # dropped positions turn -0.0 into +0.0 in the torch path: so must we
     delta = torch.randn(shape, generator=gen, dtype=torch.float64) * 1e-2
@@ -129,11 +123,11 @@ def test_expand_add_matches_apply(shape, drop, factor_dtype, value_dtype):
 
 
 def test_expand_add_is_out_of_place_and_scale_rounds_to_float32():
-    factor = torch.randn(1023, 3, generator=_gen("oop"))
+    factor = torch.randn(1023, 3, generator=seeded_gen("oop"))
     before = factor.clone()
     key, drop = mask_key(SEED, ROUND, "w"), 0.5
     kept = seeded_keep_indices(factor.numel(), seed=SEED, round=ROUND, name="w", drop=drop)
-    values = torch.randn(kept.numel(), generator=_gen("v"))
+    values = torch.randn(kept.numel(), generator=seeded_gen("v"))
     scale = 1.0 / 3.0  # not a float32: the torch path multiplies by float32(1/3)
     got = seeded_expand_add_triton(factor.to(kernel_device()), values.to(kernel_device()), key, drop, scale)
     dense = torch.zeros(factor.numel())
@@ -146,7 +140,7 @@ def test_expand_add_is_out_of_place_and_scale_rounds_to_float32():
 def test_grouped_round_trip_matches_apply(factor_dtype):
     drop = 0.8
     names = [f"model.layers.{i}.mlp.proj.adapter" for i in range(len(GROUP_SHAPES))]
-    gen = _gen("group", factor_dtype)
+    gen = seeded_gen("group", factor_dtype)
     factors = {n: torch.randn(s, generator=gen).to(factor_dtype) for n, s in zip(names, GROUP_SHAPES)}
     deltas = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in zip(names, GROUP_SHAPES)}
     server = Aggregator("fedsrd", download_drop=drop, seed=SEED, value_dtype="bfloat16")

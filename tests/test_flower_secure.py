@@ -40,6 +40,8 @@ from tests.flower_helpers import (  # noqa: E402
     write_jsonl,
 )
 
+pytestmark = pytest.mark.flower
+
 RUN = {"method": "fedsrd", "rounds": 1, "model": "tiny", "rank": 4, "local_steps": 1, "batch_size": 2,
        "seq_len": 32, "seed": 0, "min-nodes": 1}
 REFUSAL_TIMEOUT = 45.0  # a refused SuperNode exits within seconds; one still running after this was let in
@@ -179,6 +181,7 @@ def link(tmp_path_factory):
         procs.stop_all()
 
 
+@pytest.mark.slow  # the `link` fixture: a TLS SuperLink with SuperNode auth; refused nodes wait out their timeouts
 def test_plaintext_and_untrusting_clients_cannot_talk_to_the_superlink(link):
     plaintext_node = link.supernode("plaintext-node", "--insecure", "--max-retries", "1")
     rogue_node = link.supernode("rogue-ca-node", *link.rogue_tls.supernode_args(),
@@ -192,6 +195,7 @@ def test_plaintext_and_untrusting_clients_cannot_talk_to_the_superlink(link):
     link.assert_only_registered_nodes()
 
 
+@pytest.mark.slow
 def test_unknown_supernodes_are_refused(link):
     from flwr.supercore.error import ApiErrorCode
 
@@ -204,6 +208,7 @@ def test_unknown_supernodes_are_refused(link):
     link.assert_only_registered_nodes()
 
 
+@pytest.mark.slow
 def test_registered_supernode_joins_and_trains(link):
     data = write_jsonl(link.root)
     out_dir = link.root / "flower-out"

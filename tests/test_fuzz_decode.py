@@ -1,6 +1,6 @@
 """Untrusted payloads (issue 7, item 1): decode gives a valid object or a PayloadError, within bounds.
 
-test_fuzz_harness_runs_clean runs the coverage-guided fuzzer (tests/fuzz_decode.py) for FEDSRD_FUZZ_SECONDS
+test_fuzz_harness_runs_clean runs the coverage-guided fuzzer (benchmarks/fuzz_decode.py) for FEDSRD_FUZZ_SECONDS
 seconds (default 60; set it higher for a longer run) and prints its figures; FEDSRD_FUZZ_STATS=FILE keeps
 the stats JSON (and the crashing inputs, in FILE.crashes) for CI to archive. The other tests are
 structure-aware properties, one per class of malformed payload the issue names, each asserting a PayloadError
@@ -27,10 +27,8 @@ import zstandard
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fedsrd_kernels.errors import PayloadError, StateError
-from fedsrd_kernels.updates import Broadcast, SparseUpdate
-from fedsrd_kernels.wire import MAX_DIMS, decode, encode, seal, unseal
-from tests.fuzz_decode import (
+from benchmarks import fuzz_decode
+from benchmarks.fuzz_decode import (
     check_bounds,
     compress,
     measured_decode,
@@ -38,6 +36,9 @@ from tests.fuzz_decode import (
     run_oracle,
     zero_frame,
 )
+from fedsrd_kernels.errors import PayloadError, StateError
+from fedsrd_kernels.updates import Broadcast, SparseUpdate
+from fedsrd_kernels.wire import MAX_DIMS, decode, encode, seal, unseal
 from tests.test_wire import (
     HYPOTHESIS,
     assert_same,
@@ -54,7 +55,9 @@ from tests.test_wire import (
     with_positions,
 )
 
-HARNESS = Path(__file__).with_name("fuzz_decode.py")
+pytestmark = pytest.mark.fuzz
+
+HARNESS = Path(fuzz_decode.__file__)
 SMALL = 2**20  # max_numel for the cases that must not depend on decode's default cap of 2**34
 
 
@@ -103,6 +106,7 @@ def decompressed(blob: bytes) -> bytes:
 # -- the fuzzer -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # FEDSRD_FUZZ_SECONDS of fuzzing (60 by default) plus the harness's start-up
 def test_fuzz_harness_runs_clean(tmp_path, capsys, record_property):
     pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris; Linux x86_64, "
                                           "Python < 3.13): the coverage-guided fuzz run needs it")
@@ -433,7 +437,8 @@ def test_replacing_a_seeded_key_round_trips():
     refused ("seeded but dense": the replacement was checked as a seeded delta)."""
     key = "a.lora_B.weight"
     broadcast = Broadcast(5, "fedsrd", 11, 0.8, {key: seeded_delta((30, 8), seed=11, round=5, key=key, drop=0.8)},
-                          {key: torch.randn(30, 8)}, {"a": "B"}, frozenset({key}))
+                          {key: torch.randn(30, 8, generator=torch.Generator().manual_seed(5))}, {"a": "B"},
+                          frozenset({key}))
     assert_same(broadcast, decode(encode(broadcast)))
 
 

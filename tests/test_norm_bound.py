@@ -127,6 +127,7 @@ def scaled_up(factor, attacker="gamma"):
     return intercept
 
 
+@pytest.mark.slow  # three 5-round federations of 4 clients x 8 local steps on the tiny Llama
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_one_client_scaled_x1000_is_held_off_by_norm_bounding(tmp_path):
     """FedAvg on the tiny Llama, 5 rounds, 4 clients, one of them sends its update x1000.

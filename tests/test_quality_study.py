@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
+pytestmark = pytest.mark.slow  # the study script run 3 times in fresh processes: 3 + 3 runs of the tiny Llama
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 
 

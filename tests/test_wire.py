@@ -276,7 +276,8 @@ def sample_broadcast() -> Broadcast:
     return Broadcast(
         5, "fedsrd", 11, 0.8, {key: seeded_delta((30, 8), seed=11, round=5, key=key, drop=0.8),
                                "bias": make_sparse((30,), "dense", torch.float32, 1.0, 4)},
-        {"c.lora_A.weight": torch.randn(4, 6)}, {"a": "B"}, frozenset({key}),
+        {"c.lora_A.weight": torch.randn(4, 6, generator=torch.Generator().manual_seed(6))}, {"a": "B"},
+        frozenset({key}),
     )
 
 
