@@ -9,6 +9,7 @@ COMMANDS = {
     "run": "federated LoRA fine-tuning of an LLM with one method (the default command)",
     "demo": "synthetic federated run checked against the float64 oracle (no model needed)",
     "compare": "several methods on the same seed, data and steps, then a comparison table",
+    "init-adapter": "write the adapter a run starts from (--out FILE): the Flower ServerApp's initial-adapter",
 }
 
 
@@ -35,7 +36,7 @@ _OPTIONS = (
 )
 
 
-def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
+def _runner_parser(prog: str, command: str) -> argparse.ArgumentParser:
     from .baselines import METHODS
     from .config import RESCALE_SPACES, SELECTIONS
     from .runner.config import RunConfig
@@ -44,10 +45,12 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", help="TOML file ([run] table or top-level keys of RunConfig)")
     methods = ", ".join(METHODS)
-    if compare:
+    if command == "compare":
         parser.add_argument("--methods", default="fedavg,fedsrd-e,fedsrd", help=f"comma-separated, from: {methods}")
     else:
         parser.add_argument("--method", help=f"one of: {methods} (default: {defaults.method})")
+    if command == "init-adapter":
+        parser.add_argument("--out", required=True, help="safetensors file to write")
     parser.add_argument("--model", help='"tiny", a local HF folder or hub id (default: embedded SmolLM2-135M)')
     parser.add_argument("--domains", help=f"comma-separated (default: {','.join(defaults.domains)})")
     parser.add_argument("--jsonl", action="append", default=[], metavar="NAME=PATH",
@@ -78,23 +81,22 @@ def _runner_parser(prog: str, compare: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def _run_command(argv: list[str], compare: bool) -> int:
+def _run_command(argv: list[str], command: str) -> int:
     from .errors import FedSRDError
     from .extras import require_extra
 
     try:
-        require_extra("runner", f"fedsrd {'compare' if compare else 'run'}")
+        require_extra("runner", f"fedsrd {command}")
     except FedSRDError as exc:
         print(f"fedsrd: {exc}", file=sys.stderr)
         return 2
     from .runner.config import RunConfig
-    from .runner.run import compare as compare_methods
-    from .runner.run import run
+    from .runner.run import compare, initial_adapter, run
 
-    args = _runner_parser("fedsrd compare" if compare else "fedsrd run", compare).parse_args(argv)
+    args = _runner_parser(f"fedsrd {command}", command).parse_args(argv)
     overrides = {
         key: value for key, value in vars(args).items()
-        if key not in ("config", "methods", "jsonl", "domains", "no_progress") and value is not None
+        if key not in ("config", "methods", "jsonl", "domains", "no_progress", "out") and value is not None
     }
     if overrides.get("max_grad_norm") == 0:
         overrides["max_grad_norm"] = None
@@ -104,8 +106,13 @@ def _run_command(argv: list[str], compare: bool) -> int:
         overrides["jsonl"] = dict(item.split("=", 1) for item in args.jsonl)
     try:
         cfg = RunConfig.load(args.config, **overrides)
-        if compare:
-            compare_methods(cfg, [m for m in args.methods.split(",") if m], show_progress=not args.no_progress)
+        if command == "compare":
+            compare(cfg, [m for m in args.methods.split(",") if m], show_progress=not args.no_progress)
+        elif command == "init-adapter":
+            from safetensors.torch import save_file
+
+            save_file(initial_adapter(cfg), args.out)
+            print(f"wrote {args.out}")
         else:
             run(cfg, show_progress=not args.no_progress)
     except FedSRDError as exc:
@@ -117,7 +124,8 @@ def _run_command(argv: list[str], compare: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: fedsrd {demo,run,compare} [options]\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items()))
+        lines = [f"usage: fedsrd {{{','.join(COMMANDS)}}} [options]"]
+        print("\n".join(lines + [f"  {name:12} {text}" for name, text in COMMANDS.items()]))
         return 0
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "run"
     if command not in COMMANDS:
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv)
-    return _run_command(argv, compare=command == "compare")
+    return _run_command(argv, command)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ of runner.loop.federate (``stable_seed(seed, round, name)``; LoRA built after
 
 The node keeps the global adapter it was last sent in ``context.state`` and
 applies the next Broadcast to it; the server sends the full adapter when the
-node did not take part in the previous round.
+node missed a round, and nothing when the node already holds the adapter (after
+an evaluation). ``evaluate`` replies with the node's held-out loss
+(runner.train.heldout_loss on its held-out texts) under the new global adapter.
 
 With ``error-feedback`` in the run config, the node keeps its residual on its
 own disk, in ``<out-dir>/clients/<name>`` or the node config's ``state-dir``
@@ -32,12 +34,12 @@ from ..runner.config import RunConfig
 from ..runner.loop import CLIENTS_DIR, ClientData, config_fingerprint, stable_seed
 from ..runner.residuals import load_residual, prune_residuals, run_id, save_residual
 from ..runner.run import build_clients, load_base
-from ..runner.train import lora_model, train_locally
+from ..runner.train import heldout_loss, lora_model, train_locally
 from ..server import apply
 from ..updates import Broadcast
 from ..wire import broadcast_numel, decode, encode
 from .records import bytes_record, record_bytes, records_state, run_config, state_records
-from .strategy import BROADCAST, CONFIG, GLOBAL, METRICS, UPDATE
+from .strategy import ADAPTER_ROUND, BROADCAST, CONFIG, GLOBAL, METRICS, NODE, SERVER_ROUND, UPDATE
 
 app = ClientApp()
 _HELD = "fedsrd.global"  # context.state keys of the held global adapter and its round
@@ -69,37 +71,45 @@ def _base(cfg: RunConfig):
     return _BASES[key]
 
 
-def _sync_global(msg: Message, context: Context, server_round: int) -> tuple[dict[str, torch.Tensor], str]:
-    """The global adapter of this round and its digest: sent in full, or the held one plus the sent Broadcast."""
+def _sync_global(msg: Message, context: Context) -> tuple[dict[str, torch.Tensor], str]:
+    """The adapter before the message's ``adapter-round`` and its digest: the held one as it is, the held
+    one plus the sent Broadcast, or the full adapter sent (see strategy: "Syncing")."""
+    config = msg.content[CONFIG]
+    target = int(config.get(ADAPTER_ROUND, config[SERVER_ROUND]))
     if GLOBAL in msg.content:
         state = records_state(msg.content[GLOBAL], msg.content.get("dtypes"))
     else:
         if _HELD not in context.state:
-            raise StateError("the server sent a Broadcast but this node holds no global adapter")
+            raise StateError("the server sent no adapter but this node holds none")
         held_round = int(context.state[_HELD_ROUND]["round"])
         held = records_state(context.state[_HELD], context.state.get("fedsrd.dtypes"))
+        held_digest = str(context.state[_HELD_ROUND].get("digest", "")) or None
+        if BROADCAST not in msg.content:
+            if held_round != target:
+                raise StateError(f"the server sent no adapter for round {target}; this node holds the one "
+                                 f"before round {held_round}")
+            return held, held_digest or state_digest(held)
         broadcast = decode(record_bytes(msg.content.get(BROADCAST), "server broadcast"),
                            max_numel=broadcast_numel(held))
-        if not isinstance(broadcast, Broadcast) or broadcast.round != server_round - 1 or held_round != broadcast.round:
-            raise StateError(f"round {server_round}: got a broadcast for round {getattr(broadcast, 'round', None)}, "
+        if not isinstance(broadcast, Broadcast) or broadcast.round != target - 1 or held_round != broadcast.round:
+            raise StateError(f"round {target}: got a broadcast for round {getattr(broadcast, 'round', None)}, "
                              f"this node holds the adapter before round {held_round}")
-        held_digest = str(context.state[_HELD_ROUND].get("digest", "")) or None
         state = apply(held, broadcast, base=held_digest)
     digest = state_digest(state)
     context.state[_HELD], context.state["fedsrd.dtypes"] = state_records(state)
-    context.state[_HELD_ROUND] = ConfigRecord({"round": server_round, "digest": digest})
+    context.state[_HELD_ROUND] = ConfigRecord({"round": target, "digest": digest})
     return state, digest
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context.run_config)
-    server_round = int(msg.content[CONFIG]["server-round"])
+    server_round = int(msg.content[CONFIG][SERVER_ROUND])
     client = client_data(cfg, context.node_config)
     peft_model, tokenizer = _base(cfg)
     agg = cfg.aggregator()
     sent_full = GLOBAL in msg.content
-    global_state, digest = _sync_global(msg, context, server_round)
+    global_state, digest = _sync_global(msg, context)
     result = train_locally(peft_model, tokenizer, global_state, client.train, cfg,
                            seed=stable_seed(cfg.seed, server_round, client.name), freeze_lora_a=agg.freeze_lora_A,
                            mu=agg.proximal_mu)
@@ -120,3 +130,15 @@ def train(msg: Message, context: Context) -> Message:
                                "full-adapter-sent": int(sent_full)}),
     })
     return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """This node's held-out loss with the global adapter after the message's round (see strategy)."""
+    cfg = run_config(context.run_config)
+    client = client_data(cfg, context.node_config)
+    peft_model, tokenizer = _base(cfg)
+    global_state, _ = _sync_global(msg, context)
+    loss = heldout_loss(peft_model, tokenizer, global_state, client.heldout, cfg)
+    return Message(RecordDict({METRICS: MetricRecord({"heldout-loss": loss, "num-examples": len(client.heldout)}),
+                               NODE: ConfigRecord({"name": client.name})}), reply_to=msg)

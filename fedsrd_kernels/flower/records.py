@@ -51,9 +51,12 @@ def records_state(arrays: ArrayRecord, dtypes: ConfigRecord | None = None) -> di
 
 def run_config(flower_config: Mapping[str, Any]) -> RunConfig:
     """RunConfig from a Flower run config: keys are RunConfig fields (``-`` or ``_``),
-    ``domains`` a comma-separated string, and ``config-file`` an optional TOML loaded first.
-    Keys that are not RunConfig fields (``min-nodes``) are left to the apps."""
+    ``domains`` a comma-separated string, ``fraction-train`` the runner's ``participation``, and
+    ``config-file`` an optional TOML loaded first. Keys that are not RunConfig fields
+    (``min-nodes``, ``max-weight``, ``initial-adapter``) are left to the apps."""
     values = {k.replace("-", "_"): v for k, v in flower_config.items()}
+    if "fraction_train" in values:  # Flower's name for the share of nodes that train each round
+        values["participation"] = values.pop("fraction_train")
     path = values.pop("config_file", None) or None
     fields = set(RunConfig.__dataclass_fields__)
     overrides = {k: v for k, v in values.items() if k in fields}

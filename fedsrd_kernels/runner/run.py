@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from .config import RunConfig
 from .loop import ClientData, federate
 from .report import format_table, plot_loss_vs_traffic, summary_rows
-from .train import Text, TrainText, lora_model
+from .train import Text, TrainText, adapter_state, lora_model
 
 
 def as_text(example, tokenizer) -> Text:
@@ -63,6 +63,14 @@ def load_base(cfg: RunConfig):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tokenizer = tiny_llama(seed=cfg.seed) if cfg.model == "tiny" else load_model(cfg.model)
     return model.to(device), tokenizer
+
+
+def initial_adapter(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The adapter a run of ``cfg`` starts from (LoRA on the base model after ``torch.manual_seed(seed)``, as
+    ``run`` builds it): what the Flower ServerApp loads as its ``initial-adapter``, without the base model."""
+    torch.manual_seed(cfg.seed)
+    model, _ = load_base(cfg)
+    return adapter_state(lora_model(model, cfg))
 
 
 def run(cfg: RunConfig, *, log=print, show_progress: bool = True) -> list[dict]:
