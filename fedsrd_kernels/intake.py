@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from .errors import AggregationError, FedSRDError
 from .lora import StateDict, state_digest
-from .server import AggregationReport, Aggregator, apply
+from .server import AggregationReport, Aggregator, apply, check_weight
 from .updates import Broadcast, SparseUpdate
 from .wire import broadcast_numel, decode, encode
 
@@ -126,14 +126,12 @@ def screen(
             weight = submission.weight
             if weight is None:
                 weight = update.num_samples if update.num_samples is not None else 1.0
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-                    math.isfinite(weight) and weight > 0):
-                raise AggregationError(f"weight must be a finite number > 0, got {weight!r}")
+            weight = check_weight(weight, "weight")
         except FedSRDError as exc:
             rejected[sender] = str(exc)
             continue
         owners[client] = sender
-        accepted.append((sender, update, float(weight if max_weight is None else min(weight, max_weight))))
+        accepted.append((sender, update, weight if max_weight is None else min(weight, float(max_weight))))
     return accepted, rejected
 
 

@@ -377,29 +377,39 @@ def bound_norms(global_state: StateDict, updates: list[SparseUpdate], pairs: Seq
     return updates, clipped, tuple(norms.tolist()), tuple(clip.tolist())
 
 
+def check_weight(value: object, where: str) -> float:
+    """The one rule for an aggregation weight (sample count): a real number, not a boolean, finite and > 0.
+
+    ``intake.screen``, ``RoundStream.add`` and ``normalised_weights`` all use it: a
+    weight of 0 would be a client that is sent the round but counts for nothing, so
+    it is refused where it enters rather than silently dropped.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise AggregationError(f"{where} must be a real number, got {value!r} ({type(value).__name__})")
+    try:
+        weight = float(value)
+    except OverflowError:  # an int past float64's range
+        raise AggregationError(f"{where} must be a finite float64 number > 0, got an int of "
+                               f"{len(str(abs(int(value))))} digits") from None
+    if not (math.isfinite(weight) and weight > 0):
+        raise AggregationError(f"{where} must be a finite number > 0, got {value!r}")
+    return weight
+
+
 def normalised_weights(weights: Sequence[float] | None, count: int) -> torch.Tensor:
     """p_i = w_i / sum w (float64); None gives 1/m each.
 
-    Weights are real numbers (not booleans), finite, >= 0 and not all zero. They are
-    divided by the largest first, so the sum cannot overflow: [1e308, 1e308] gives
-    [0.5, 0.5] (their plain sum is inf, and the weights became [0, 0]).
+    Each weight follows ``check_weight``. They are divided by the largest first, so the
+    sum cannot overflow: [1e308, 1e308] gives [0.5, 0.5] (their plain sum is inf).
     """
     if weights is None:
         return torch.full((count,), 1.0 / count, dtype=torch.float64)
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
         raise AggregationError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
-    values = list(weights)
-    for i, x in enumerate(values):
-        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-            raise AggregationError(f"weights[{i}] must be a real number, got {x!r} ({type(x).__name__})")
-    try:
-        w = torch.tensor([float(x) for x in values], dtype=torch.float64)
-    except OverflowError as exc:  # an int past float64's range
-        raise AggregationError(f"weights must be finite float64 numbers: {exc}") from None
-    if w.numel() != count:
-        raise AggregationError(f"got {w.numel()} weights for {count} updates")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
-        raise AggregationError(f"weights must be finite, >= 0 and not all zero, got {values!r}")
+    values = [check_weight(x, f"weights[{i}]") for i, x in enumerate(weights)]
+    if len(values) != count:
+        raise AggregationError(f"got {len(values)} weights for {count} updates")
+    w = torch.tensor(values, dtype=torch.float64)
     w = w / w.max()
     return w / w.sum()
 

@@ -21,7 +21,6 @@ and otherwise reports its residual on a held-out Gaussian probe W Phi.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ from .errors import AggregationError, ConfigError
 from .kernels.factored import gram_pinv, mT, project_core, svqb, truncate_core
 from .kernels.reconstruct import scatter_delta
 from .lora import LoraPair, StateDict, factor_keys, state_digest
-from .server import AggregationReport, check_finite_changes
+from .server import AggregationReport, check_finite_changes, check_weight
 from .updates import Broadcast, SparseTensor, SparseUpdate
 
 
@@ -129,8 +128,7 @@ class RoundStream:
     def add(self, update: SparseUpdate, weight: float = 1.0) -> None:
         """Fold one client's update in; ``weight`` is its sample count. A rejected
         update raises and leaves the stream as it was."""
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise AggregationError(f"weight must be a finite number >= 0, got {weight!r}")
+        weight = check_weight(weight, "weight")
         self._agg.check_update(f"update #{self._count}", update, self._global, self._round)
         w = float(weight) if self._agg.weighting == "samples" else 1.0
         for group in self._groups:
