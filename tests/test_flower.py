@@ -156,3 +156,55 @@ def test_loopback_deployment_equals_in_process_run(tmp_path):
     assert flower_state.keys() == want.keys()
     for key in want:
         assert torch.equal(flower_state[key], want[key]), key
+
+
+@pytest.mark.slow  # a SuperLink in simulation mode, Ray and two simulated nodes, then the same rounds in-process
+def test_simulation_engine_equals_in_process_run(tmp_path):
+    """FlowerTune's way: `flwr run <app> <connection>` on the Simulation Engine; the nodes are numbered,
+    and partition i trains the run's i-th client (here the JSONL clients in name order)."""
+    pytest.importorskip("ray", reason="the Simulation Engine needs flwr[simulation]")
+    data = write_jsonl(tmp_path)
+    out_dir = tmp_path / "sim-out"
+    config = {**TINY, "rounds": 2, "out-dir": str(out_dir), "min-nodes": 2, "domains": "",
+              "jsonl": ",".join(f"{name}={path}" for name, path in sorted(data.items()))}
+    app_dir = write_app(tmp_path / "app", config)
+    link_port, = free_ports(1)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = flower_env(home)
+    procs = Processes(tmp_path, env)
+    result = out_dir / "global_adapter.safetensors"
+    try:
+        link = procs.start("superlink", "flower-superlink", "--insecure", "--simulation",
+                           "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link_port))
+        try:
+            wait_for_port(link_port, link)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"{exc}\n{procs.log('superlink')}")
+        run = subprocess.run([str(BIN_DIR / "flwr"), "run", str(app_dir), "sim", "--stream",
+                              "--federation-config", "num-supernodes=2"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        if not result.exists():
+            pytest.fail(f"no result; flwr run rc={run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n"
+                        + procs.all_logs())
+    finally:
+        procs.stop_all()
+
+    from safetensors.torch import load_file
+
+    flower_state = load_file(str(result))
+    rounds = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients"]) for r in rounds] == [(1, 2), (2, 2)]
+    assert all(set(r["heldout_loss"]) == set(data) for r in rounds)  # federated evaluation, eval_every 1
+    cfg = RunConfig(**{**TINY, "rounds": 2}, out_dir=str(tmp_path / "in-process"))
+    model, tokenizer = tiny_llama(seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    peft_model = lora_model(model, cfg)
+    clients = build_clients(cfg.replace(domains=(), jsonl=data), tokenizer, log=lambda _: None)
+    federate(peft_model, tokenizer, clients, cfg, log=lambda _: None, show_progress=False)
+    want = adapter_state(peft_model)
+    assert flower_state.keys() == want.keys()
+    for key in want:
+        assert torch.equal(flower_state[key], want[key]), key

@@ -46,12 +46,26 @@ _HELD = "fedsrd.global"  # context.state keys of the held global adapter and its
 _HELD_ROUND = "fedsrd.round"
 
 
+def client_name(cfg: RunConfig, node_config) -> str:
+    """The node's client: its ``name`` node config, else (Flower's Simulation Engine numbers its
+    nodes) the ``partition-id``-th client of the run, counting ``domains`` then ``jsonl`` names."""
+    name = str(node_config.get("name", ""))
+    if name:
+        return name
+    if "partition-id" not in node_config:
+        raise ConfigError("the SuperNode needs --node-config \"name='<client>'\"")
+    names = [*cfg.domains, *sorted(cfg.jsonl)]
+    partition = int(node_config["partition-id"])
+    if not 0 <= partition < len(names):
+        raise ConfigError(f"partition-id {partition} has no client: the run has {len(names)} ({', '.join(names)}); "
+                          "set num-supernodes to that number")
+    return names[partition]
+
+
 def client_data(cfg: RunConfig, node_config) -> ClientData:
     """This node's ClientData, built as runner.run.build_clients builds it."""
-    name = str(node_config.get("name", ""))
-    if not name:
-        raise ConfigError("the SuperNode needs --node-config \"name='<client>'\"")
-    jsonl = str(node_config.get("jsonl", ""))
+    name = client_name(cfg, node_config)
+    jsonl = str(node_config.get("jsonl", "")) or cfg.jsonl.get(name, "")
     sub = cfg.replace(domains=(), jsonl={name: jsonl}) if jsonl else cfg.replace(domains=(name,), jsonl={})
     (client,) = build_clients(sub, _base(cfg)[1], log=lambda _: None)
     return client

@@ -51,7 +51,8 @@ def records_state(arrays: ArrayRecord, dtypes: ConfigRecord | None = None) -> di
 
 def run_config(flower_config: Mapping[str, Any]) -> RunConfig:
     """RunConfig from a Flower run config: keys are RunConfig fields (``-`` or ``_``),
-    ``domains`` a comma-separated string, ``fraction-train`` the runner's ``participation``, and
+    ``domains`` a comma-separated string, ``jsonl`` "name=path,..." (the clients of a
+    simulation; a deployed SuperNode names its own file), ``fraction-train`` the runner's ``participation``, and
     ``config-file`` an optional TOML loaded first. Keys that are not RunConfig fields
     (``min-nodes``, ``max-weight``, ``initial-adapter``) are left to the apps."""
     values = {k.replace("-", "_"): v for k, v in flower_config.items()}
@@ -64,6 +65,9 @@ def run_config(flower_config: Mapping[str, Any]) -> RunConfig:
         overrides["domains"] = tuple(d.strip() for d in overrides["domains"].split(",") if d.strip())
     if overrides.get("model") == "":
         overrides["model"] = None
-    if "jsonl" in overrides:
-        raise ConfigError("jsonl clients are per node: give each SuperNode --node-config \"jsonl='path'\"")
+    if isinstance(overrides.get("jsonl"), str):  # "name=path,name=path": clients of a simulation (see client_app)
+        try:
+            overrides["jsonl"] = dict(item.strip().split("=", 1) for item in overrides["jsonl"].split(",") if item)
+        except ValueError:
+            raise ConfigError(f"jsonl must be 'name=path,name=path', got {overrides['jsonl']!r}") from None
     return RunConfig.load(path, **overrides)
