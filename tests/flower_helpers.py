@@ -150,3 +150,30 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
+
+
+def in_process_run(out_dir: Path, config: dict, jsonl: dict[str, str]) -> tuple[dict, list[dict]]:
+    """The same federation run by runner.loop.federate in this process: (final adapter, round records)."""
+    import torch
+
+    from fedsrd_kernels.runner.config import RunConfig
+    from fedsrd_kernels.runner.loop import federate
+    from fedsrd_kernels.runner.model import tiny_llama
+    from fedsrd_kernels.runner.run import build_clients
+    from fedsrd_kernels.runner.train import adapter_state, lora_model
+
+    cfg = RunConfig(**config, out_dir=str(out_dir))
+    model, tokenizer = tiny_llama(seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    peft_model = lora_model(model, cfg)
+    clients = build_clients(cfg.replace(domains=(), jsonl=jsonl), tokenizer, log=lambda _: None)
+    records = federate(peft_model, tokenizer, clients, cfg, log=lambda _: None, show_progress=False)
+    return adapter_state(peft_model), records
+
+
+def assert_same_adapter(got: dict, want: dict) -> None:
+    import torch
+
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

@@ -23,16 +23,16 @@ from fedsrd_kernels.flower.records import bytes_record, records_state, state_rec
 from fedsrd_kernels.flower.strategy import METRICS, UPDATE, FedSRDStrategy  # noqa: E402
 from fedsrd_kernels.lora import state_digest  # noqa: E402
 from fedsrd_kernels.runner.config import RunConfig  # noqa: E402
-from fedsrd_kernels.runner.loop import federate  # noqa: E402
 from fedsrd_kernels.runner.model import tiny_llama  # noqa: E402
-from fedsrd_kernels.runner.run import build_clients  # noqa: E402
 from fedsrd_kernels.runner.train import adapter_state, lora_model  # noqa: E402
 from fedsrd_kernels.wire import decode, encode  # noqa: E402
 from tests.flower_helpers import (  # noqa: E402
     BIN_DIR,
     Processes,
+    assert_same_adapter,
     flower_env,
     free_ports,
+    in_process_run,
     wait_for_port,
     write_app,
     write_jsonl,
@@ -146,16 +146,7 @@ def test_loopback_deployment_equals_in_process_run(tmp_path):
     for name in data:  # each node's newest residual, and the one its newest round was made from
         kept = sorted(p.name for p in (out_dir / "clients" / name).iterdir())
         assert kept == ["residual-2.safetensors", "residual-3.safetensors"], (name, kept)
-    cfg = RunConfig(**TINY, out_dir=str(tmp_path / "in-process"))
-    model, tokenizer = tiny_llama(seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    peft_model = lora_model(model, cfg)
-    clients = build_clients(cfg.replace(domains=(), jsonl=data), tokenizer, log=lambda _: None)
-    federate(peft_model, tokenizer, clients, cfg, log=lambda _: None, show_progress=False)
-    want = adapter_state(peft_model)
-    assert flower_state.keys() == want.keys()
-    for key in want:
-        assert torch.equal(flower_state[key], want[key]), key
+    assert_same_adapter(flower_state, in_process_run(tmp_path / "in-process", TINY, data)[0])
 
 
 @pytest.mark.slow  # a SuperLink in simulation mode, Ray and two simulated nodes, then the same rounds in-process
@@ -198,13 +189,4 @@ def test_simulation_engine_equals_in_process_run(tmp_path):
     rounds = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]
     assert [(r["round"], r["clients"]) for r in rounds] == [(1, 2), (2, 2)]
     assert all(set(r["heldout_loss"]) == set(data) for r in rounds)  # federated evaluation, eval_every 1
-    cfg = RunConfig(**{**TINY, "rounds": 2}, out_dir=str(tmp_path / "in-process"))
-    model, tokenizer = tiny_llama(seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    peft_model = lora_model(model, cfg)
-    clients = build_clients(cfg.replace(domains=(), jsonl=data), tokenizer, log=lambda _: None)
-    federate(peft_model, tokenizer, clients, cfg, log=lambda _: None, show_progress=False)
-    want = adapter_state(peft_model)
-    assert flower_state.keys() == want.keys()
-    for key in want:
-        assert torch.equal(flower_state[key], want[key]), key
+    assert_same_adapter(flower_state, in_process_run(tmp_path / "in-process", {**TINY, "rounds": 2}, data)[0])

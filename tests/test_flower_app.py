@@ -23,13 +23,12 @@ from fedsrd_kernels.flower.records import bytes_record  # noqa: E402
 from fedsrd_kernels.flower.strategy import CONFIG, METRICS, SERVER_ROUND, UPDATE, FedSRDStrategy  # noqa: E402
 from fedsrd_kernels.lora import state_digest  # noqa: E402
 from fedsrd_kernels.runner.config import RunConfig  # noqa: E402
-from fedsrd_kernels.runner.loop import federate  # noqa: E402
 from fedsrd_kernels.runner.model import tiny_llama  # noqa: E402
-from fedsrd_kernels.runner.run import build_clients, initial_adapter  # noqa: E402
+from fedsrd_kernels.runner.run import initial_adapter  # noqa: E402
 from fedsrd_kernels.runner.train import adapter_state, lora_model  # noqa: E402
 from fedsrd_kernels.server import apply  # noqa: E402
 from fedsrd_kernels.wire import decode  # noqa: E402
-from tests.flower_helpers import write_jsonl  # noqa: E402
+from tests.flower_helpers import assert_same_adapter, in_process_run, write_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
@@ -79,24 +78,12 @@ def _run_flower(tmp_path, run_config: dict, jsonl: dict[str, str]) -> tuple[dict
     return load_file(str(out / "global_adapter.safetensors")), rounds, grid
 
 
-def _in_process(tmp_path, jsonl, **overrides) -> dict:
-    cfg = RunConfig(**{**TINY, **overrides}, out_dir=str(tmp_path / "in-process"))
-    model, tokenizer = tiny_llama(seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    peft_model = lora_model(model, cfg)
-    clients = build_clients(cfg.replace(domains=(), jsonl=jsonl), tokenizer, log=lambda _: None)
-    records = federate(peft_model, tokenizer, clients, cfg, log=lambda _: None, show_progress=False)
-    return adapter_state(peft_model), records
-
-
 def test_apps_equal_the_in_process_run_and_evaluate_every_node(tmp_path, identity):
     jsonl = write_jsonl(tmp_path)
     client_app._BASES.clear()
     flower_state, rounds, grid = _run_flower(tmp_path, {**TINY, "eval-every": 2}, jsonl)
-    want, records = _in_process(tmp_path, jsonl, eval_every=2)
-    assert flower_state.keys() == want.keys()
-    for key in want:
-        assert torch.equal(flower_state[key], want[key]), key
+    want, records = in_process_run(tmp_path / "in-process", {**TINY, "eval_every": 2}, jsonl)
+    assert_same_adapter(flower_state, want)
     # federated evaluation after rounds 2 and 3 (the last), with the runner's numbers
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert "heldout_loss" not in rounds[0]
@@ -139,8 +126,7 @@ def test_server_starts_from_an_initial_adapter_file_without_the_base_model(tmp_p
     identity_again = tmp_path / "again"
     identity_again.mkdir()
     built, _, _ = _run_flower(identity_again, {**TINY, "rounds": 1}, jsonl)
-    for key in built:
-        assert torch.equal(from_file[key], built[key]), key
+    assert_same_adapter(from_file, built)
 
 
 def _reply(node_id: int, content: RecordDict) -> Message:
