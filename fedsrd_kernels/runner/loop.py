@@ -87,7 +87,9 @@ def save_adapter(peft_model, state, folder: Path) -> None:
     load_adapter_state(peft_model, state)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
+    # The adapter trains no embeddings; "auto" would look the base model up on the hub (its name is the
+    # hub id, see runner.model.DEFAULT_MODEL_ID) to check the vocabulary, a network call on every export.
+    peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():

@@ -42,7 +42,10 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """The adapter's PEFT state dict, detached copies on the CPU."""
     import peft
 
-    return {k: v.detach().to("cpu", copy=True) for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+    # save_embedding_layers=False: the adapter trains no embeddings, and "auto" looks the base model up on
+    # the hub by name (the default model's name is its hub id) on every call.
+    state = peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def load_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
