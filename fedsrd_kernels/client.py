@@ -13,7 +13,7 @@ from .config import SparsifyConfig, check_value_dtype
 from .errors import ConfigError, KeyMismatchError, NonFiniteError, ShapeMismatchError, StateError
 from .kernels.scoring import select_top
 from .kernels.sparsify_grouped import sparsify_grouped
-from .lora import StateDict, check_same_layout, check_state
+from .lora import StateDict, check_same_layout, check_state, lora_layout
 from .updates import Broadcast, Residual, SparseTensor, SparseUpdate
 
 
@@ -86,8 +86,10 @@ def sparsify(
     """
     config = config if config is not None else SparsifyConfig()
     layout = check_state(global_state, "global_state")
+    # Every value of local_state is read once: check_same_layout checks its tensors finite, and
+    # lora_layout adds only what check_state would check beyond that (its factors are floating).
     check_same_layout(local_state, global_state, "local_state", "global_state")
-    check_state(local_state, "local_state")
+    lora_layout(local_state, "local_state")
     if num_samples is not None and not (isinstance(num_samples, int) and num_samples >= 0):
         raise StateError(f"num_samples must be an int >= 0, got {num_samples!r}")
     carried: dict[str, torch.Tensor] | None = None
@@ -112,9 +114,10 @@ def sparsify(
         )
         value_dtype = check_value_dtype(config.value_dtype)
         keys = [key for p in layout.pairs for key in (p.a_key, p.b_key)]  # matrix 2i is dA, 2i+1 dB
-        for key, sparse in zip(keys, grouped.to_sparse_tensors()):
-            if sparse is not None:
-                deltas[key] = SparseTensor(sparse.shape, sparse.values.to(value_dtype), sparse.indices, sparse.scale)
+        for key, shape, kept in zip(keys, grouped.shapes, grouped.split()):
+            if kept is not None:
+                indices, values, scale = kept
+                deltas[key] = SparseTensor(shape, values.to(value_dtype), indices, scale)
     for pair in layout.pairs if config.selection != "importance" else ():
         a_prev = global_state[pair.a_key].to(torch.float32)
         b_prev = global_state[pair.b_key].to(torch.float32)

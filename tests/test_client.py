@@ -171,3 +171,121 @@ def test_triton_backend_gives_the_same_update():
         assert torch.equal(got.indices, want.indices), key
         assert torch.equal(got.values, want.values), key
         assert got.scale == pytest.approx(want.scale, rel=2.5e-7)
+
+
+# --------------------------------------------------------------------------- the CPU path: tuned, not changed
+
+
+def _reference_upload(local, global_state, cfg):
+    """Each matrix's (kept indices, values, float32 scale) by the steps as first written, one new tensor per
+    step: eq. 6 scores, the out-of-place float64 kurtosis, topk + sort, advanced indexing, float64 sums."""
+    import math
+
+    from tests.test_scoring import _kurtosis_out_of_place
+
+    out = {}
+    for pair in fk.lora_layout(global_state).pairs:
+        a_prev, b_prev = (global_state[k].to(torch.float32) for k in (pair.a_key, pair.b_key))
+        a_new, b_new = (local[k].to(torch.float32) for k in (pair.a_key, pair.b_key))
+        d_a, d_b = a_new - a_prev, b_new - b_prev
+        score_a = d_a.abs() * torch.linalg.vector_norm(b_new, dim=0)[:, None]
+        score_b = d_b.abs() * torch.linalg.vector_norm(a_prev, dim=1)[None, :]
+        for key, delta, scores in ((pair.a_key, d_a, score_a), (pair.b_key, d_b, score_b)):
+            flat = delta.flatten()
+            if not bool(flat.any()):
+                continue
+            kappa = _kurtosis_out_of_place(scores)
+            k = fk.keep_count(flat.numel(), cfg.base + min(cfg.upper, cfg.coeff * math.log(max(kappa, 1.0))))
+            if k >= flat.numel():
+                kept = torch.arange(flat.numel())
+            else:
+                kept = torch.topk(scores.flatten(), k, sorted=False).indices.sort().values
+            values = flat[kept]
+            kept_l1 = float(values.abs().sum(dtype=torch.float64))
+            if kept_l1 == 0.0:
+                continue
+            scale = float(flat.abs().sum(dtype=torch.float64)) / kept_l1 if cfg.rescale else 1.0
+            out[key] = (kept, values, float(torch.tensor(scale, dtype=torch.float32)))
+    return out
+
+
+# Matrices of 28,800 to 57,600 scores: the threshold path samples from 2**15 scores on.
+BIG_SHAPES = [(600, 70), (40, 900), (1200, 48), (33, 17)]
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "bfloat16", "quantized", "zero_b"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_sparsify_is_bit_identical_to_the_untuned_steps(kind, rescale):
+    """Kept positions, values and scales equal the first-written steps bit for bit, ties included
+    (bfloat16 and quantized deltas tie at the threshold: topk breaks those ties in both)."""
+    gen = torch.Generator().manual_seed(len(kind) + rescale)
+    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+    g = lora_state(BIG_SHAPES, 48, gen=gen, dtype=dtype, zero_b=kind == "zero_b", extra=False)
+    local = perturbed(g, 0.01, gen=gen)
+    if kind == "quantized":
+        local = {k: g[k] + torch.round((v - g[k]) * 300) / 300 for k, v in local.items()}
+    if kind == "zero_b":  # round 1: B moved on half of the pairs only, so the others score dA as all zero
+        for i, key in enumerate(k for k in g if k.endswith("lora_B.weight")):
+            if i % 2:
+                local[key] = g[key].clone()
+    cfg = fk.SparsifyConfig(rescale=rescale)
+    update = fk.sparsify(local, g, cfg, backend="torch")
+    want = _reference_upload(local, g, cfg)
+    assert update.deltas.keys() == want.keys()
+    for key, (indices, values, scale) in want.items():
+        got = update.deltas[key]
+        assert torch.equal(got.indices, indices), key
+        assert torch.equal(got.values.view(torch.int32), values.view(torch.int32)), key
+        assert got.scale == scale, key
+
+
+def test_local_state_is_read_once_and_each_kurtosis_taken_once(monkeypatch):
+    """The finite check runs once per tensor of each state, the kurtosis once per matrix."""
+    from fedsrd_kernels import lora
+    from fedsrd_kernels.kernels import sparsify_grouped
+
+    gen = torch.Generator().manual_seed(12)
+    g = lora_state(SHAPES, 4, gen=gen)
+    local = perturbed(g, 0.05, gen=gen)
+    checked, kurtoses = [], []
+    real_all_finite, real_kurtosis = lora.all_finite, sparsify_grouped.pearson_kurtosis
+    monkeypatch.setattr(lora, "all_finite", lambda t: checked.append(t) or real_all_finite(t))
+    monkeypatch.setattr(sparsify_grouped, "pearson_kurtosis",
+                        lambda s, **kw: kurtoses.append(s) or real_kurtosis(s, **kw))
+    fk.sparsify(local, g, backend="torch")
+    assert len(checked) == len(g) + len(local)
+    assert len(kurtoses) == 2 * len(SHAPES)
+
+
+def test_finite_check_is_exact():
+    """Inf of either sign in either state is named; the largest finite values (whose sum overflows) are not."""
+    gen = torch.Generator().manual_seed(13)
+    g = lora_state([(12, 10)], 3, gen=gen)
+    local = perturbed(g, 0.1, gen=gen)
+    key = "base_model.model.layers.0.mlp.proj.lora_A.weight"
+    for name, value in (("global_state", float("inf")), ("local_state", -float("inf"))):
+        bad = snapshot(g if name == "global_state" else local)
+        bad[key][1, 2] = value
+        args = (local, bad) if name == "global_state" else (bad, g)
+        with pytest.raises(fk.NonFiniteError, match=rf"{name}\[.*lora_A.*1 NaN/Inf"):
+            fk.sparsify(*args)
+    huge = snapshot(local)
+    huge["base_model.model.score.bias"] = torch.full((7,), torch.finfo(torch.float32).max)
+    half = {k: v.half() for k, v in g.items()}
+    half_local = {k: v.half() for k, v in huge.items()}
+    half_local["base_model.model.score.bias"] = torch.full((7,), 65504.0, dtype=torch.float16)
+    fk.sparsify(huge, g)
+    fk.sparsify(half_local, half)
+
+
+def test_client_benchmark_runs(tmp_path, capsys):
+    """benchmarks/bench_client.py at a toy rank: both ways agree on every kept position."""
+    import json
+
+    from benchmarks.bench_client import main
+
+    out = tmp_path / "client.json"
+    threads = str(torch.get_num_threads())  # the script sets the thread count: keep this process's
+    main(["--layers", "1", "--rank", "2", "--repeat", "1", "--threads", threads, "--json", str(out)])
+    assert "agreement: kept positions equal in 14/14 matrices" in capsys.readouterr().out
+    assert json.loads(out.read_text())["agreement"] == [14, 14]

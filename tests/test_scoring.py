@@ -98,3 +98,103 @@ def test_top_k_indices_are_the_k_largest_sorted():
             mask = torch.ones(scores.numel(), dtype=torch.bool)
             mask[idx] = False
             assert kept.min() >= scores.flatten()[mask].max()
+
+
+# --------------------------------------------------------------------------- the CPU fast paths, bit for bit
+
+
+def _topk_rule(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The selection rule as the reference states it: topk's k largest, their indices sorted."""
+    flat = scores.flatten()
+    if k >= flat.numel():
+        return torch.arange(flat.numel())
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long)
+    return torch.topk(flat, k, sorted=False).indices.sort().values
+
+
+def _score_cases(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    nan = torch.randn(n, generator=gen).abs()
+    nan[n // 2] = float("nan")
+    inf = torch.randn(n, generator=gen).abs()
+    inf[0] = inf[-1] = float("inf")
+    return {
+        "distinct": torch.randn(n, generator=gen).abs(),
+        "float64": torch.randn(n, generator=gen, dtype=torch.float64).abs(),
+        "few_values": torch.randint(0, 5, (n,), generator=gen).float(),  # ties at every threshold
+        "zeros_tail": torch.cat([torch.rand(n // 3 + 1, generator=gen), torch.zeros(n - n // 3 - 1)]),
+        "signed_zeros": torch.where(torch.rand(n, generator=gen) < 0.5, -0.0, 0.0),
+        "negative": torch.randn(n, generator=gen),
+        # every 61st score large: the strided sample overestimates the floor, all scores are searched
+        "periodic": torch.where(torch.arange(n) % 61 == 0, 10.0, torch.rand(n, generator=gen)),
+        "nan": nan,
+        "inf": inf,
+        "bfloat16": torch.randn(n, generator=gen).abs().bfloat16(),
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 32767, 32768, 100_000])
+def test_top_k_indices_is_topk_bit_for_bit(n):
+    """The threshold path gives exactly topk's sorted indices; ties, NaN and Inf go to topk itself."""
+    gen = torch.Generator().manual_seed(n)
+    for name, scores in _score_cases(n, gen).items():
+        for k in sorted({0, 1, 2, n // 20, n // 7, n // 2, n - 1, n, n + 3}):
+            got = top_k_indices(scores, k)
+            assert got.dtype == torch.int64 and torch.equal(got, _topk_rule(scores, k)), (name, k)
+
+
+def test_threshold_path_runs_when_the_boundary_is_untied():
+    """Distinct scores take the threshold (sampled above 2**15 scores); a tied k-th largest or a NaN does not."""
+    from fedsrd_kernels.kernels import scoring
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (5000, 200_000):
+        scores = torch.randn(n, generator=gen).abs()
+        k = fk.keep_count(n, 0.9)
+        kept = scoring._untied_top_k(scores, k)
+        assert kept is not None and torch.equal(kept, _topk_rule(scores, k))
+        tied = scores.clone()
+        top = tied.topk(k + 1)
+        tied[top.indices[k]] = top.values[k - 1]  # the (k+1)-th largest made equal to the k-th: two choices
+        assert scoring._untied_top_k(tied, k) is None
+        with_nan = scores.clone()
+        with_nan[7] = float("nan")
+        assert scoring._untied_top_k(with_nan, k) is None
+    periodic = _score_cases(70_000, gen)["periodic"]  # the floor comes out above T: all scores searched
+    floor = scoring._candidate_floor(periodic.numpy(), 4000)
+    assert int((periodic >= floor).sum()) < 4000
+    assert torch.equal(scoring._untied_top_k(periodic, 4000), _topk_rule(periodic, 4000))
+
+
+def _kurtosis_out_of_place(scores: torch.Tensor) -> float:
+    """The kurtosis as first written: one new float64 tensor per step (the in-place one must match its bits)."""
+    x = scores.detach().to(torch.float64).flatten()
+    if x.numel() == 0:
+        return 1.0
+    peak = x.abs().max()
+    if peak == 0:
+        return 1.0
+    x = x / peak
+    centred = x - x.mean()
+    m2 = centred.square().mean()
+    if m2 == 0:
+        return 1.0
+    m4 = centred.square().square().mean()
+    return float(m4 / (m2 * m2))
+
+
+def test_pearson_kurtosis_in_place_matches_out_of_place_bits():
+    gen = torch.Generator().manual_seed(9)
+    cases = [torch.randn(70_001, generator=gen).abs(), torch.randn(999, generator=gen), torch.randn(5, 7).double(),
+             torch.randn(300, generator=gen).bfloat16(), torch.arange(-5, 20), torch.tensor([True, False, True]),
+             torch.full((4,), -2.5), torch.tensor([-3.0, 1.0, 2.0]), torch.randn(2000, generator=gen) * 1e-30,
+             torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([1.0, float("inf")])]
+    workspace = torch.full((80_000,), float("nan"), dtype=torch.float64)  # stale contents must not matter
+    for x in cases:
+        want = _kurtosis_out_of_place(x)
+        for got in (fk.pearson_kurtosis(x), fk.pearson_kurtosis(x, workspace=workspace)):
+            assert got == want or (math.isnan(got) and math.isnan(want)), (x.dtype, x.numel(), got, want)
+    with pytest.raises(fk.ShapeMismatchError, match="workspace"):
+        fk.pearson_kurtosis(torch.ones(10), workspace=torch.empty(9, dtype=torch.float64))
+    with pytest.raises(fk.ShapeMismatchError, match="workspace"):
+        fk.pearson_kurtosis(torch.ones(10), workspace=torch.empty(10))

@@ -142,14 +142,17 @@ def sparsify_grouped_torch(
     checked = check_pairs(pairs, names)
     shapes, indices, values, counts, scales, kurt = [], [], [], [], [], []
     device = checked[0].a_prev.device if checked else torch.device("cpu")
+    # One float64 buffer for every matrix's kurtosis and L1 sum (a fresh one per matrix costs page faults).
+    largest = max((t.numel() for fp in checked for t in (fp.a_prev, fp.b_prev)), default=0)
+    workspace = torch.empty(largest, dtype=torch.float64, device=device)
     for fp in checked:
         a_prev, b_prev, a_new, b_new = (t.to(torch.float32) for t in fp)
         d_a, d_b = a_new - a_prev, b_new - b_prev
         score_a, score_b = importance(d_a, d_b, a_prev, b_new)
         for delta, scores in ((d_a, score_a), (d_b, score_b)):
             shapes.append(tuple(delta.shape))
-            kurt.append(pearson_kurtosis(scores))
-            chosen = select_top(delta, scores, base, coeff, upper, rescale)
+            kurt.append(pearson_kurtosis(scores, workspace=workspace))
+            chosen = select_top(delta, scores, base, coeff, upper, rescale, kappa=kurt[-1], workspace=workspace)
             if chosen is None:
                 counts.append(0)
                 scales.append(None)
