@@ -1,18 +1,14 @@
 """The compiled CUDA ops (csrc/) next to torch and Triton on Llama-3.2-3B r=64 shapes (392 matrices).
 
-Four ops, each over the whole model in one grouped call, results checked equal before timing:
-  encode     keep mask + delta -> packbits bitmap + kept values (client upload)
-             torch: bits packed with shifts and a sum, values[mask];  Triton: none
-  decode     bitmap + values -> factor + values * scale (client/server apply)
-             torch: unpack, scatter into a dense delta, add;  Triton: none
+One op family, over the whole model in one grouped call, results checked equal before timing
+(the bitmap codec and the segmented top-k threshold this also timed were deleted: nothing in
+production called them; benchmarks/bench_sparsify.py times the Triton select against torch):
   seeded     the download: compaction under the Philox mask, and the expand-add
              torch: numpy Philox on the CPU + gather (as Aggregator does);  Triton: download_triton
-  threshold  the k-th largest importance score of every matrix (k from the kurtosis ratio)
-             torch: topk per matrix;  Triton: SparsifyPipeline.select (same scores, same k)
 
 GB/s counts the bytes an op must move at least, over the device's measured copy bandwidth.
 
-    python benchmarks/bench_cuda.py [--density 0.1] [--repeats 20]
+    python benchmarks/bench_cuda.py [--drop 0.8] [--repeats 20]
 
 Needs a CUDA device (prints why and exits otherwise); the CUDA column needs the extension
 (FEDSRD_BUILD_CUDA=1 pip install -e . --no-build-isolation) and reads "n/a" without it.
@@ -43,58 +39,6 @@ def _print(title: str, rows, peak_gbs: float) -> None:
 
     print(f"\n{title}")
     report(rows, rows[0][1], peak_gbs)
-
-
-def bench_codec(shapes, args, device, peak_gbs, have_cuda) -> None:
-    from fedsrd_kernels.kernels import cuda_ops
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    sizes = [r * c for r, c in shapes.values()]
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
-    n = offsets[-1]
-    delta = torch.randn(n, device=device, generator=gen) * 1e-3
-    mask = torch.rand(n, device=device, generator=gen) < args.density
-    kept_n = int(mask.sum())
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
-    kw = {"device": device, "warmup": 3, "repeats": args.repeats}
-
-    def torch_encode():  # every Llama matrix has a multiple of 8 elements: one flat packbits
-        return (mask.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8), delta[mask]
-
-    encode_bytes = n + n / 8 + 8 * kept_n  # mask in, bitmap out, kept values in and out
-    rows = []
-    _bench(rows, "torch", torch_encode, encode_bytes, kw)
-    if have_cuda:
-        bitmap, kept, _ = cuda_ops.bitmap_compact(delta, mask, offsets)
-        want = torch_encode()
-        assert torch.equal(bitmap, want[0]) and torch.equal(kept, want[1]), "CUDA encode differs from torch"
-        _bench(rows, "cuda (grouped)", lambda: cuda_ops.bitmap_compact(delta, mask, offsets), encode_bytes, kw)
-    _print(f"encode: bitmap + compaction, {n:,} elements, density {args.density}", rows, peak_gbs)
-
-    factor = torch.randn(n, device=device, generator=gen)
-    values = delta[mask]
-    bitmap = torch_encode()[0]
-    scales = [1.0 + 0.01 * (i % 7) for i in range(len(sizes))]
-    scale_per_element = torch.repeat_interleave(torch.tensor(scales, dtype=torch.float32, device=device),
-                                                torch.tensor(sizes, device=device))
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
-
-    def torch_decode():
-        keep = ((bitmap[:, None] >> shifts) & 1).bool().view(-1)
-        dense = torch.zeros(n, device=device)
-        dense[keep] = values * scale_per_element[keep]
-        return factor + dense
-
-    rows = []
-    _bench(rows, "torch", torch_decode, 8 * n + n / 8 + 4 * kept_n, kw)
-    if have_cuda:
-        out = cuda_ops.bitmap_expand_add(factor, bitmap, values, scales, offsets)
-        assert torch.equal(out, torch_decode()), "CUDA decode differs from torch"
-        _bench(rows, "cuda (grouped)", lambda: cuda_ops.bitmap_expand_add(factor, bitmap, values, scales, offsets),
-               8 * n + n / 8 + 4 * kept_n, kw)
-    _print("decode: bitmap + values -> factor + delta", rows, peak_gbs)
 
 
 def bench_seeded(shapes, args, device, peak_gbs, have_cuda) -> None:
@@ -143,52 +87,8 @@ def bench_seeded(shapes, args, device, peak_gbs, have_cuda) -> None:
     _print("seeded expand-add (client apply)", rows, peak_gbs)
 
 
-def bench_threshold(dims, args, device, peak_gbs, have_cuda) -> None:
-    from bench_sparsify import lora_pairs
-
-    from fedsrd_kernels.kernels import cuda_ops
-    from fedsrd_kernels.kernels.sparsify_triton import SparsifyPipeline
-
-    pairs = lora_pairs(dims, device, torch.Generator().manual_seed(2))
-    pipe = SparsifyPipeline(pairs)
-    pipe.norms()
-    pipe.scores()
-    pipe.ratio(0.85, 0.1, 0.11)
-    scores = [pipe.matrix_scores(j).flatten() for j in range(pipe.num_matrices)]
-    flat = torch.cat(scores)
-    offsets = [0]
-    for s in scores:
-        offsets.append(offsets[-1] + s.numel())
-    ks = pipe.keep.tolist()
-    kw = {"device": device, "warmup": 2, "repeats": args.repeats}
-
-    def torch_select():
-        out = []
-        for s, k in zip(scores, ks):
-            t = torch.topk(s, k).values[-1]
-            out.append((t, k - (s > t).sum()))
-        return out
-
-    def triton_select():
-        pipe.hist[1:].zero_()  # select() accumulates the pass histograms into these
-        pipe.select()
-
-    rows = []
-    _bench(rows, "torch (topk per matrix)", torch_select, 4 * flat.numel(), kw)
-    _bench(rows, "triton (pipeline select)", triton_select, 4 * flat.numel(), kw)
-    if have_cuda:
-        threshold, ties = cuda_ops.topk_thresholds(flat, offsets, pipe.keep)
-        triton_select()
-        assert torch.equal(threshold.view(torch.int32), pipe.prefix[: len(ks)]), "CUDA threshold differs from Triton"
-        assert torch.equal(ties, pipe.remaining[: len(ks)].long()), "CUDA ties differ from Triton"
-        _bench(rows, "cuda (segmented, 1 launch)", lambda: cuda_ops.topk_thresholds(flat, offsets, pipe.keep),
-               4 * flat.numel(), kw)
-    _print(f"threshold: k-th largest score of {len(ks)} matrices, {flat.numel():,} scores", rows, peak_gbs)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--density", type=float, default=0.1, help="kept fraction of the upload mask")
     parser.add_argument("--drop", type=float, default=0.8, help="download drop rate")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
@@ -208,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = copy_bandwidth(device, 1024, 10)
     print(f"copy bandwidth (read + write): {peak:.0f} GB/s")
     shapes = lora_shapes(**LLAMA_3B)
-    bench_codec(shapes, args, device, peak, have_cuda)
     bench_seeded(shapes, args, device, peak, have_cuda)
-    bench_threshold(LLAMA_3B, args, device, peak, have_cuda)
 
 
 if __name__ == "__main__":

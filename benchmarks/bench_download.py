@@ -18,6 +18,20 @@ the factor) over the device's measured copy bandwidth (``dst.copy_(src)``).
 
 On CPU the Triton numbers come from its interpreter (numpy, ~100x slower than
 torch): they show the script runs and the results match, not kernel speed.
+
+``--wire`` times what a client runs on the CPU instead: ``fk.decode`` and
+``fk.apply`` (torch backend) of the round's full Broadcast, B in an odd round
+and A in an even one (Llama-3.2-3B r=64: 49.5 M and 47.7 M elements). Seeded
+positions are lazy: decode draws no mask and apply draws each once. Before
+that change decode drew every mask (and encode drew them again as a check);
+"eager" rows time that path as the old code ran it: this decode, then each
+key's mask drawn and counted as the old decode did, then apply with the
+positions given. ``--baseline-checkout DIR`` also times decode and apply of
+the same bytes (the wire format did not change) with the fedsrd_kernels of
+another checkout (e.g. ``git worktree add /tmp/base <commit>``), in a
+subprocess: the old code itself.
+
+    python benchmarks/bench_download.py --wire --json benchmarks/results/download_wire_cpu.json
 """
 
 from __future__ import annotations
@@ -43,7 +57,7 @@ from fedsrd_kernels.kernels.download_triton import (  # noqa: E402
     seeded_expand_add_triton,
 )
 from fedsrd_kernels.kernels.philox import mask_key, seeded_keep_indices  # noqa: E402
-from fedsrd_kernels.updates import SparseTensor  # noqa: E402
+from fedsrd_kernels.updates import Broadcast, SparseTensor  # noqa: E402
 
 # Llama-3.2-3B: hidden, intermediate, kv projection width, layers; LoRA rank 64 on all 7 linear modules.
 FULL = LLAMA_3B
@@ -163,6 +177,134 @@ def bench_factor(
     report(rows, t_torch, peak_gbs)
 
 
+# A subprocess with another checkout's package on sys.path: decode and apply of the same bytes, as that code ran.
+_BASELINE = r"""
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import fedsrd_kernels as fk
+payload = open(sys.argv[2], "rb").read()
+state = torch.load(sys.argv[3])
+repeats = int(sys.argv[4])
+def median_s(fn):
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
+decoded = fk.decode(payload)
+print(json.dumps({"package": fk.__file__, "encode_s": median_s(lambda: fk.encode(decoded)),
+                  "decode_s": median_s(lambda: fk.decode(payload)),
+                  "apply_s": median_s(lambda: fk.apply(state, decoded, backend="torch")),
+                  "decode_apply_s": median_s(lambda: fk.apply(state, fk.decode(payload), backend="torch"))}))
+"""
+
+
+def _median_s(fn, repeats: int) -> dict[str, float]:
+    """Median wall and process CPU seconds of ``fn`` after one untimed call. CPU time is the figure to read on a
+    shared machine: other processes on the cores stretch the wall time, not this process's CPU time."""
+    import statistics
+    import time
+
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
+
+
+def _wire_round(state: dict, shapes: dict, round_: int, args: argparse.Namespace, gen: torch.Generator) -> dict:
+    """One round's Broadcast (the moved factor of every pair) through encode, decode and apply."""
+    import json
+    import subprocess
+    import tempfile
+    import time
+
+    import fedsrd_kernels as fk
+
+    factor = "B" if round_ % 2 else "A"
+    keys = [k for k in shapes if k.endswith(f"lora_{factor}.weight")]
+    deltas = {k: torch.randn(shapes[k], generator=gen, dtype=torch.float64) * 1e-3 for k in keys}
+    agg = fk.Aggregator("fedsrd", seed=SEED, download_drop=args.drop, value_dtype=args.value_dtype, backend="torch")
+    start = time.perf_counter()
+    sparse = agg._downloads(deltas, round_)
+    download_s = time.perf_counter() - start
+    moved = {k.removesuffix(f".lora_{factor}.weight"): factor for k in keys}
+    broadcast = Broadcast(round_, "fedsrd", SEED, args.drop, sparse, moved=moved, seeded=frozenset(sparse))
+    payload = fk.encode(broadcast)
+    numel, nnz = sum(s.numel for s in sparse.values()), sum(s.nnz for s in sparse.values())
+    del deltas, sparse
+
+    def eager_decode():  # the old decode: every seeded mask drawn and counted on the CPU
+        decoded = fk.decode(payload)
+        for key, s in decoded.deltas.items():
+            kept = seeded_keep_indices(s.numel, seed=SEED, round=round_, name=key, drop=args.drop)
+            assert kept.numel() == s.nnz
+            object.__setattr__(s, "_drawn", kept)  # held, as the old SparseTensor held its positions
+        return decoded
+
+    lazy = fk.decode(payload)
+    eager = eager_decode()
+    want = fk.apply(state, eager, backend="torch")
+    got = fk.apply(state, lazy, backend="torch")
+    assert all(torch.equal(got[k], want[k]) for k in keys), "lazy and eager apply differ"
+    timed = {
+        "encode_s": lambda: fk.encode(broadcast),
+        "decode_lazy_s": lambda: fk.decode(payload),
+        "decode_eager_s": eager_decode,
+        "apply_lazy_s": lambda: fk.apply(state, lazy, backend="torch"),
+        "apply_positions_given_s": lambda: fk.apply(state, eager, backend="torch"),
+        "decode_apply_lazy_s": lambda: fk.apply(state, fk.decode(payload), backend="torch"),
+        "decode_apply_eager_s": lambda: fk.apply(state, eager_decode(), backend="torch"),
+    }
+    row = {"factor": factor, "keys": len(keys), "elements": numel, "kept": nnz, "payload_mib": len(payload) / 2**20,
+           "server_download_torch_s": download_s, **{name: _median_s(fn, args.repeats) for name, fn in timed.items()}}
+    if args.baseline_checkout:
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "payload").write_bytes(payload)
+            torch.save(state, Path(tmp, "state.pt"))
+            result = subprocess.run(
+                [sys.executable, "-c", _BASELINE, str(Path(args.baseline_checkout).resolve()),
+                 str(Path(tmp, "payload")), str(Path(tmp, "state.pt")), str(args.repeats)],
+                capture_output=True, text=True, check=True)
+        row["baseline"] = json.loads(result.stdout.strip().splitlines()[-1])
+    return row
+
+
+def bench_wire(shapes: dict[str, tuple[int, int]], args: argparse.Namespace) -> dict:
+    """decode and apply of the round's Broadcast on the CPU: lazy seeded positions vs the eager draws."""
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
+    out = {}
+    for round_ in (1, 2):
+        row = _wire_round(state, shapes, round_, args, gen)
+        out[f"round {round_} (lora_{row['factor']})"] = row
+        print(f"\n== round {round_}: lora_{row['factor']}, {row['keys']} keys, {row['elements']:,} elements, "
+              f"{row['kept']:,} kept, payload {row['payload_mib']:.1f} MiB ==")
+        print(f"  {'':<50}{'wall s':>8}{'CPU s':>8}")
+        print(f"  {'server download (torch: numpy mask + gather, once)':<50}{row['server_download_torch_s']:8.3f}")
+        for name, label in (("encode_s", "encode (draws no mask)"),
+                            ("decode_lazy_s", "decode, lazy (this tree)"),
+                            ("decode_eager_s", "decode + every mask drawn (the old decode)"),
+                            ("apply_lazy_s", "apply after lazy decode (one draw per key)"),
+                            ("apply_positions_given_s", "apply, positions drawn (the old apply)"),
+                            ("decode_apply_lazy_s", "decode + apply, lazy"),
+                            ("decode_apply_eager_s", "decode + apply, eager")):
+            print(f"  {label:<50}{row[name]['wall']:8.3f}{row[name]['cpu']:8.3f}")
+        if "baseline" in row:
+            base = row["baseline"]
+            print(f"  baseline checkout ({base['package']}):")
+            for name in ("encode_s", "decode_s", "apply_s", "decode_apply_s"):
+                print(f"    {name:<48}{base[name]['wall']:8.3f}{base[name]['cpu']:8.3f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="reduced shapes (2 layers, hidden 96, r 8)")
@@ -173,7 +315,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--factor-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
+    parser.add_argument("--wire", action="store_true", help="decode + apply of the full Broadcast on the CPU")
+    parser.add_argument("--baseline-checkout", help="--wire: also time another checkout's decode and apply")
+    parser.add_argument("--json", help="--wire: write the raw figures to this file")
     args = parser.parse_args(argv)
+    if args.wire:
+        import json
+        import platform
+
+        args.repeats = args.repeats if args.repeats is not None else 3
+        dims = SMALL if args.small else FULL
+        print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+              f"torch {torch.__version__}; dims {dims}; drop {args.drop}; values {args.value_dtype}; "
+              f"median of {args.repeats}")
+        rows = bench_wire(lora_shapes(**dims), args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"dims": dims, "drop": args.drop, "value_dtype": args.value_dtype,
+                                                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                                   "repeats": args.repeats, "rounds": rows}, indent=2) + "\n")
+        return
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)

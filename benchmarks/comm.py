@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from fedsrd_kernels.client import sparsify  # noqa: E402
 from fedsrd_kernels.config import SparsifyConfig  # noqa: E402
 from fedsrd_kernels.kernels.philox import seeded_keep_indices  # noqa: E402
-from fedsrd_kernels.updates import Broadcast, SparseTensor, SparseUpdate  # noqa: E402
+from fedsrd_kernels.updates import Broadcast, SeededMask, SparseTensor, SparseUpdate  # noqa: E402
 from fedsrd_kernels.wire import MiB, comm_cost, decode, encode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,14 +66,15 @@ def synthetic_download(shapes: dict[str, tuple[int, int]], round: int, generator
         numel = shape[0] * shape[1]
         kept = seeded_keep_indices(numel, seed=0, round=round, name=key, drop=DOWNLOAD_DROP)
         values = 1e-3 * torch.randn(kept.numel(), generator=generator)
-        deltas[key] = SparseTensor(shape, values, kept, scale=1.0 / (1.0 - DOWNLOAD_DROP))
+        deltas[key] = SparseTensor(shape, values, scale=1.0 / (1.0 - DOWNLOAD_DROP),
+                                   mask=SeededMask(0, round, key, DOWNLOAD_DROP))  # as Aggregator makes it
         moved[key.removesuffix("." + factor)] = factor[5]
     return Broadcast(round, "fedsrd", 0, DOWNLOAD_DROP, deltas, moved=moved, seeded=frozenset(deltas))
 
 
 def with_dtype(obj, dtype: torch.dtype):
     """The same update or broadcast with its values cast to ``dtype``."""
-    deltas = {k: SparseTensor(s.shape, s.values.to(dtype), s.indices, s.scale) for k, s in obj.deltas.items()}
+    deltas = {k: s.with_values(s.values.to(dtype)) for k, s in obj.deltas.items()}
     if isinstance(obj, SparseUpdate):
         return SparseUpdate(deltas, obj.num_samples, obj.round, obj.client_id)
     return Broadcast(obj.round, obj.method, obj.seed, obj.download_drop, deltas, moved=obj.moved,

@@ -10,8 +10,9 @@ tests' payload builders (tests/test_wire.py, tests/helpers.py), so it runs from 
 
 The property (checked on every input): ``decode(data, max_numel=--max-numel)`` either raises PayloadError
 (FormatVersionError included) or returns a SparseUpdate / Broadcast that agrees with its declared entries
-(shape, dtype, nnz, finite values, sorted unique in-range int64 indices, the declared scale) and that
-``encode`` accepts and round-trips bit-exactly; and decoding stays within memory and CPU bounds derived from
+(shape, dtype, nnz, finite values, sorted unique in-range int64 indices or, for seeded positions, the
+broadcast's SeededMask, which decode does not draw; the declared scale) and that ``encode`` accepts and
+round-trips bit-exactly; and decoding stays within memory and CPU bounds derived from
 the input's size and its declared elements. Anything else is a crash: the exception propagates to atheris,
 which prints it and libFuzzer saves the input.
 
@@ -46,7 +47,7 @@ Memory, measured three ways (figures from the 2-core dev box):
 * ``tracemalloc`` around each decode call (started and stopped there, so the mutator and the checks run
   untraced; start + stop cost 0.2 us, tracing makes decode ~2.3x slower). It sees Python objects, bytes
   (safetensors' blob copies, zstd output) and numpy buffers, which numpy reports to it: every allocation
-  decode sizes from the input except torch's (``isfinite``'s mask, a seeded ``arange``) and Rust's. Bound:
+  decode sizes from the input except torch's (the values' ``abs``) and Rust's. Bound:
   ``MEM_PER_BYTE * len(data) + MEM_PER_ELEMENT * declared + MEM_FIXED``, ``declared`` being the elements
   the metadata declares, at most --max-numel. Metadata built to inflate when parsed peaks at up to 45x its
   size (nested ``[[[]]]``; ``[{}]`` 33x, nested objects 27x): MEM_PER_BYTE is 64. Valid 2**20-element
@@ -289,7 +290,7 @@ def check_decoded(obj, data: bytes, max_numel: int = MAX_NUMEL) -> None:
     import torch
 
     from fedsrd_kernels.config import VALUE_DTYPES
-    from fedsrd_kernels.updates import Broadcast, SparseTensor, SparseUpdate
+    from fedsrd_kernels.updates import Broadcast, SeededMask, SparseTensor, SparseUpdate
     from fedsrd_kernels.wire import decode, encode
 
     meta = metadata_of(data)
@@ -318,8 +319,13 @@ def check_decoded(obj, data: bytes, max_numel: int = MAX_NUMEL) -> None:
                      f"{where}: scale {tensor.scale} for declared {entry['scale']}")
             values = tensor.values
             if entry["positions"] == "dense":
-                _require(tensor.indices is None and nnz == numel, "dense", f"{where}: dense but has indices")
+                _require(tensor.is_dense and nnz == numel, "dense", f"{where}: dense but has positions")
+            elif entry["positions"] == "seeded":  # decode draws no mask: its count is apply's to check
+                want = SeededMask(meta["seed"], meta["round"], entry["key"], float(meta["download_drop"]))
+                _require(tensor.mask == want and tensor._drawn is None, "seeded",
+                         f"{where}: mask {tensor.mask} for the broadcast's {want}, or drawn by decode")
             else:
+                _require(not tensor.is_seeded, "explicit", f"{where}: explicit positions decoded as seeded")
                 _check_indices(tensor.indices, nnz, numel, where)
             _require((entry["positions"] == "seeded") == (entry["key"] in getattr(obj, "seeded", ())), "seeded",
                      f"{where}: seeded positions and Broadcast.seeded disagree")
@@ -350,7 +356,8 @@ def _fingerprint(obj) -> tuple:
         return tuple(sorted(value.items())) if isinstance(value, dict) else repr(value)
 
     scalars = tuple(sorted((k, plain(v)) for k, v in vars(obj).items() if k not in ("deltas", "replace")))
-    deltas = tuple((k, v.shape, struct.pack("<d", v.scale), tensor_bytes(v.values), tensor_bytes(v.indices))
+    deltas = tuple((k, v.shape, struct.pack("<d", v.scale), tensor_bytes(v.values),
+                    repr(v.mask) if v.is_seeded else tensor_bytes(v.indices))  # a seeded mask is not drawn
                    for k, v in obj.deltas.items())
     replace = tuple((k, tensor_bytes(v)) for k, v in getattr(obj, "replace", {}).items())
     return scalars, deltas, replace

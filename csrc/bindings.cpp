@@ -23,7 +23,6 @@ namespace {
 
 // Philox covers 4 * 2**32 elements of a tensor (the counter i / 4 is one uint32), as philox.py.
 constexpr int64_t kMaxSeededNumel = int64_t{4} << 32;
-constexpr int64_t kMaxSegmentNumel = (int64_t{1} << 31) - 1;
 
 void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
@@ -62,7 +61,6 @@ uint32_t check_threshold(int64_t threshold, const char* op) {
 struct GroupPlan {
   at::Tensor tables;  // owns the memory GroupTables points into
   GroupTables g{};
-  int64_t bitmap_bytes = 0;
 };
 
 GroupPlan plan_group(c10::IntArrayRef offsets, int64_t numel, const at::Device& device, int64_t max_tensor_numel,
@@ -70,38 +68,34 @@ GroupPlan plan_group(c10::IntArrayRef offsets, int64_t numel, const at::Device& 
   TORCH_CHECK(!offsets.empty() && offsets.front() == 0 && offsets.back() == numel, op,
               ": offsets must start at 0 and end at the flat size ", numel, ", got ", offsets);
   const int64_t num_tensors = static_cast<int64_t>(offsets.size()) - 1;
-  at::Tensor host = at::empty({3 * (num_tensors + 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor host = at::empty({2 * (num_tensors + 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* h = host.data_ptr<int64_t>();
-  int64_t tiles = 0, bytes = 0;
+  int64_t tiles = 0;
   for (int64_t t = 0; t <= num_tensors; ++t) {
     h[t] = offsets[t];
     h[num_tensors + 1 + t] = tiles;
-    h[2 * (num_tensors + 1) + t] = bytes;
     if (t == num_tensors) break;
     const int64_t n = offsets[t + 1] - offsets[t];
     TORCH_CHECK(n >= 0, op, ": offsets must be non-decreasing, got ", offsets[t], " then ", offsets[t + 1]);
     TORCH_CHECK(n <= max_tensor_numel, op, ": tensor ", t, " has ", n, " elements, over the limit of ",
                 max_tensor_numel);
     tiles += (n + kCodecTile - 1) / kCodecTile;
-    bytes += (n + 7) / 8;
   }
   TORCH_CHECK(tiles < int64_t{INT32_MAX}, op, ": ", tiles, " tiles of ", kCodecTile, " elements are too many");
   GroupPlan plan;
   plan.tables = host.to(device, /*non_blocking=*/true);  // pinned: the caching host allocator keeps it until copied
   const int64_t* d = plan.tables.data_ptr<int64_t>();
-  plan.g = GroupTables{d, d + num_tensors + 1, d + 2 * (num_tensors + 1), num_tensors, tiles};
-  plan.bitmap_bytes = bytes;
+  plan.g = GroupTables{d, d + num_tensors + 1, num_tensors, tiles};
   return plan;
 }
 
-// Pass 1 of the codec and the scan between the passes, for a group with at least one tile:
-// count(tile_counts, status) launches the count kernel; the result holds the tile bases, the
-// per-tensor counts and {total, bitmap padding flag}, read back in the op's one host sync.
+// Pass 1 (the count) and the scan between the passes, for a group with at least one tile:
+// count(tile_counts) launches the count kernel; the result holds the tile bases, the per-tensor
+// counts and the total, read back in the op's one host sync.
 struct Counted {
   at::Tensor tile_base;      // [num_tiles + 1] first output slot of each tile
   at::Tensor tensor_counts;  // [num_tensors] kept per tensor (device)
   int64_t total = 0;
-  int64_t bad_padding = 0;  // 1 + index of a tensor whose bitmap has bits past its end, or 0
 };
 
 template <class CountFn>
@@ -109,8 +103,8 @@ Counted count_and_scan(const GroupPlan& plan, const at::Device& device, cudaStre
                        CountFn&& count) {
   const auto longs = at::TensorOptions().device(device).dtype(at::kLong);
   at::Tensor tile_counts = at::zeros({plan.g.num_tiles + 1}, longs);  // the last stays 0: the scan's total
-  at::Tensor status = at::zeros({2}, longs);
-  check_cuda(count(tile_counts.data_ptr<int64_t>(), status.data_ptr<int64_t>()), op);
+  at::Tensor status = at::zeros({1}, longs);
+  check_cuda(count(tile_counts.data_ptr<int64_t>()), op);
   size_t bytes = 0;
   check_cuda(scan_workspace_bytes(plan.g.num_tiles, &bytes), op);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, longs.dtype(at::kByte));
@@ -121,93 +115,29 @@ Counted count_and_scan(const GroupPlan& plan, const at::Device& device, cudaStre
                         out.tensor_counts.data_ptr<int64_t>(), status.data_ptr<int64_t>(), workspace.data_ptr(), bytes,
                         stream),
              op);
-  const at::Tensor host = status.cpu();  // the host sync: output sizes come from the data
-  out.total = host.data_ptr<int64_t>()[0];
-  out.bad_padding = host.data_ptr<int64_t>()[1];
+  out.total = status.item<int64_t>();  // the host sync: output sizes come from the data
   return out;
 }
 
 // --------------------------------------------------------------------------------------- ops
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_compact_cuda(const at::Tensor& values, const at::Tensor& mask,
-                                                              c10::IntArrayRef offsets) {
-  const char* op = "fedsrd::bitmap_compact";
-  TORCH_CHECK(values.is_cuda(), op, ": values must be a CUDA tensor, got one on ", values.device());
-  const at::Device device = values.device();
-  check_vector(values, op, "values", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}, device);
-  check_vector(mask, op, "mask", {at::kBool}, device);
-  TORCH_CHECK(mask.numel() == values.numel(), op, ": mask has ", mask.numel(), " elements, values ", values.numel());
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const GroupPlan plan = plan_group(offsets, values.numel(), device, INT64_MAX, op);
-  at::Tensor bitmap = at::empty({plan.bitmap_bytes}, values.options().dtype(at::kByte));
-  if (plan.g.num_tiles == 0) {
-    return {bitmap, at::empty({0}, values.options()), at::zeros({plan.g.num_tensors}, values.options().dtype(at::kLong))};
-  }
-  const Counted counted = count_and_scan(plan, device, stream, op, [&](int64_t* tile_counts, int64_t*) {
-    return encode_bitmap(plan.g, reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), bitmap.data_ptr<uint8_t>(),
-                         tile_counts, stream);
-  });
-  at::Tensor kept = at::empty({counted.total}, values.options());
-  if (counted.total > 0) {
-    check_cuda(compact_bitmap(plan.g, bitmap.data_ptr<uint8_t>(), counted.tile_base.data_ptr<int64_t>(),
-                              values.data_ptr(), static_cast<int>(values.element_size()), kept.data_ptr(), stream),
-               op);
-  }
-  return {bitmap, kept, counted.tensor_counts};
-}
-
-at::Tensor bitmap_expand_add_cuda(const at::Tensor& factor, const at::Tensor& bitmap, const at::Tensor& values,
-                             const at::Tensor& scales, c10::IntArrayRef offsets) {
-  const char* op = "fedsrd::bitmap_expand_add";
-  TORCH_CHECK(factor.is_cuda(), op, ": factor must be a CUDA tensor, got one on ", factor.device());
-  const at::Device device = factor.device();
-  check_vector(factor, op, "factor", {at::kFloat, at::kBFloat16}, device);
-  check_vector(bitmap, op, "bitmap", {at::kByte}, device);
-  check_vector(values, op, "values", {at::kFloat, at::kBFloat16, at::kHalf}, device);
-  check_vector(scales, op, "scales", {at::kFloat}, device);
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const GroupPlan plan = plan_group(offsets, factor.numel(), device, INT64_MAX, op);
-  TORCH_CHECK(bitmap.numel() == plan.bitmap_bytes, op, ": the bitmaps of these tensors take ", plan.bitmap_bytes,
-              " bytes, got ", bitmap.numel());
-  TORCH_CHECK(scales.numel() == plan.g.num_tensors, op, ": ", scales.numel(), " scales for ", plan.g.num_tensors,
-              " tensors");
-  at::Tensor out = at::empty_like(factor);
-  if (plan.g.num_tiles == 0) {
-    TORCH_CHECK(values.numel() == 0, op, ": the bitmaps keep 0 elements, got ", values.numel(), " values");
-    return out;
-  }
-  const Counted counted = count_and_scan(plan, device, stream, op, [&](int64_t* tile_counts, int64_t* status) {
-    return count_bitmap(plan.g, bitmap.data_ptr<uint8_t>(), tile_counts, status, stream);
-  });
-  TORCH_CHECK(counted.bad_padding == 0, op, ": the bitmap of tensor ", counted.bad_padding - 1,
-              " has bits set past its last element");
-  TORCH_CHECK(counted.total == values.numel(), op, ": the bitmaps keep ", counted.total, " elements, got ",
-              values.numel(), " values");
-  check_cuda(expand_add_bitmap(plan.g, bitmap.data_ptr<uint8_t>(), counted.tile_base.data_ptr<int64_t>(),
-                               factor.data_ptr(), float_format(factor), values.data_ptr(), float_format(values),
-                               scales.data_ptr<float>(), out.data_ptr(), stream),
-             op);
-  return out;
-}
-
-at::Tensor seeded_keep_mask_cuda(const at::Tensor& keys, c10::IntArrayRef offsets, int64_t threshold) {
-  const char* op = "fedsrd::seeded_keep_mask";
+at::Tensor seeded_count_cuda(const at::Tensor& keys, c10::IntArrayRef offsets, int64_t threshold) {
+  const char* op = "fedsrd::seeded_count";
   TORCH_CHECK(keys.is_cuda(), op, ": keys must be a CUDA tensor, got one on ", keys.device());
-  check_vector(keys, op, "keys", {at::kLong}, keys.device());
+  const at::Device device = keys.device();
+  check_vector(keys, op, "keys", {at::kLong}, device);
   const uint32_t t32 = check_threshold(threshold, op);
-  const c10::cuda::CUDAGuard guard(keys.device());
+  const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t numel = offsets.empty() ? 0 : offsets.back();
-  const GroupPlan plan = plan_group(offsets, numel, keys.device(), kMaxSeededNumel, op);
+  const GroupPlan plan = plan_group(offsets, numel, device, kMaxSeededNumel, op);
   TORCH_CHECK(keys.numel() == plan.g.num_tensors, op, ": ", keys.numel(), " keys for ", plan.g.num_tensors,
               " tensors");
-  at::Tensor mask = at::empty({numel}, keys.options().dtype(at::kBool));
-  check_cuda(philox_keep_mask(plan.g, keys.data_ptr<int64_t>(), t32,
-                              reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()), stream),
-             op);
-  return mask;
+  if (plan.g.num_tiles == 0) return at::zeros({plan.g.num_tensors}, keys.options());
+  const Counted counted = count_and_scan(plan, device, stream, op, [&](int64_t* tile_counts) {
+    return count_philox(plan.g, keys.data_ptr<int64_t>(), t32, tile_counts, stream);
+  });
+  return counted.tensor_counts;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seeded_compact_cuda(const at::Tensor& values, const at::Tensor& keys,
@@ -227,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seeded_compact_cuda(const at::Ten
   if (plan.g.num_tiles == 0) {
     return {at::empty({0}, longs), at::empty({0}, values.options()), at::zeros({plan.g.num_tensors}, longs)};
   }
-  const Counted counted = count_and_scan(plan, device, stream, op, [&](int64_t* tile_counts, int64_t*) {
+  const Counted counted = count_and_scan(plan, device, stream, op, [&](int64_t* tile_counts) {
     return count_philox(plan.g, keys.data_ptr<int64_t>(), t32, tile_counts, stream);
   });
   at::Tensor indices = at::empty({counted.total}, longs);
@@ -263,7 +193,7 @@ at::Tensor seeded_expand_add_cuda(const at::Tensor& factor, const at::Tensor& va
     TORCH_CHECK(values.numel() == 0, op, ": the masks keep 0 elements, got ", values.numel(), " values");
     return out;
   }
-  const Counted counted = count_and_scan(plan, device, stream, op, [&](int64_t* tile_counts, int64_t*) {
+  const Counted counted = count_and_scan(plan, device, stream, op, [&](int64_t* tile_counts) {
     return count_philox(plan.g, keys.data_ptr<int64_t>(), t32, tile_counts, stream);
   });
   TORCH_CHECK(counted.total == values.numel(), op, ": the masks keep ", counted.total, " elements, got ",
@@ -275,53 +205,6 @@ at::Tensor seeded_expand_add_cuda(const at::Tensor& factor, const at::Tensor& va
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> segmented_topk_threshold_cuda(const at::Tensor& scores, const at::Tensor& k,
-                                                           c10::IntArrayRef offsets) {
-  const char* op = "fedsrd::segmented_topk_threshold";
-  TORCH_CHECK(scores.is_cuda(), op, ": scores must be a CUDA tensor, got one on ", scores.device());
-  const at::Device device = scores.device();
-  check_vector(scores, op, "scores", {at::kFloat}, device);
-  check_vector(k, op, "k", {at::kLong}, device);
-  TORCH_CHECK(!offsets.empty() && offsets.front() == 0 && offsets.back() == scores.numel(), op,
-              ": offsets must start at 0 and end at the number of scores ", scores.numel(), ", got ", offsets);
-  const int64_t num_segments = static_cast<int64_t>(offsets.size()) - 1;
-  TORCH_CHECK(k.numel() == num_segments, op, ": ", k.numel(), " values of k for ", num_segments, " segments");
-  for (int64_t s = 0; s < num_segments; ++s) {
-    const int64_t n = offsets[s + 1] - offsets[s];
-    TORCH_CHECK(n >= 0, op, ": offsets must be non-decreasing, got ", offsets[s], " then ", offsets[s + 1]);
-    TORCH_CHECK(n <= kMaxSegmentNumel, op, ": segment ", s, " has ", n, " scores, over the limit of ",
-                kMaxSegmentNumel);
-  }
-  TORCH_CHECK(num_segments < int64_t{INT32_MAX}, op, ": too many segments (", num_segments, ")");
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor host = at::empty({num_segments + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(offsets.begin(), offsets.end(), host.data_ptr<int64_t>());
-  const at::Tensor device_offsets = host.to(device, /*non_blocking=*/true);
-  at::Tensor threshold = at::empty({num_segments}, scores.options());
-  at::Tensor ties = at::empty({num_segments}, k.options());
-  check_cuda(fedsrd::segmented_topk_threshold(scores.data_ptr<float>(), device_offsets.data_ptr<int64_t>(),
-                                              k.data_ptr<int64_t>(), num_segments, threshold.data_ptr<float>(),
-                                              ties.data_ptr<int64_t>(), stream),
-             op);
-  return {threshold, ties};
-}
-
-at::Tensor philox_words_cuda(const at::Tensor& counters, int64_t key, bool use_curand) {
-  const char* op = "fedsrd::philox_words";
-  TORCH_CHECK(counters.is_cuda(), op, ": counters must be a CUDA tensor, got one on ", counters.device());
-  check_vector(counters, op, "counters", {at::kLong}, counters.device());
-  TORCH_CHECK(key >= 0, op, ": key must be in [0, 2**63), got ", key);
-  TORCH_CHECK(!use_curand || philox_curand_available(), op,
-              ": this build did not find curand_kernel.h, so it has no curand path");
-  const c10::cuda::CUDAGuard guard(counters.device());
-  at::Tensor words = at::empty({counters.numel(), 4}, counters.options());
-  check_cuda(fedsrd::philox_words(counters.data_ptr<int64_t>(), counters.numel(), static_cast<uint64_t>(key),
-                                  use_curand, words.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
-             op);
-  return words;
-}
-
 // Registered from PyInit__C rather than a static TORCH_LIBRARY_IMPL: a kernel whose C++ signature
 // does not match the schema declared in cuda_ops.py then fails the import with an ImportError
 // (the package warns once and uses Triton or torch) instead of terminating the process.
@@ -329,21 +212,16 @@ void register_cuda_kernels() {
   static torch::Library* library = nullptr;  // lives as long as the process: it owns the registrations
   if (library != nullptr) return;
   library = new torch::Library(torch::Library::IMPL, "fedsrd", c10::DispatchKey::CUDA, __FILE__, __LINE__);
-  library->impl("bitmap_compact", &bitmap_compact_cuda);
-  library->impl("bitmap_expand_add", &bitmap_expand_add_cuda);
-  library->impl("seeded_keep_mask", &seeded_keep_mask_cuda);
+  library->impl("seeded_count", &seeded_count_cuda);
   library->impl("seeded_compact", &seeded_compact_cuda);
   library->impl("seeded_expand_add", &seeded_expand_add_cuda);
-  library->impl("segmented_topk_threshold", &segmented_topk_threshold_cuda);
-  library->impl("philox_words", &philox_words_cuda);
 }
 
 }  // namespace
 }  // namespace fedsrd
 
 // A Python module without functions: importing fedsrd_kernels._C registers the kernels (the
-// torchao pattern; no pybind11 needed). Its one attribute, has_curand, says whether
-// philox_words(use_curand=True) was compiled in.
+// torchao pattern; no pybind11 needed).
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   try {
     fedsrd::register_cuda_kernels();
@@ -353,10 +231,5 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   }
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fedsrd_kernels CUDA ops (see torch.ops.fedsrd)",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "has_curand", fedsrd::philox_curand_available() ? 1 : 0) != 0) {
-    Py_DECREF(m);
-    return nullptr;
-  }
-  return m;
+  return PyModule_Create(&module);
 }

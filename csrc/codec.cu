@@ -1,14 +1,17 @@
-// Wire codec on the GPU: keep mask -> packbits bitmap + compacted values, and back (fused with the
-// add into the factor), for an explicit mask/bitmap or the seeded Philox mask.
+// The seeded download on the GPU: the Philox keep mask (philox.cuh) drawn in registers, never
+// stored, for the server's compaction (delta -> kept positions + values) and the apply's
+// expand-add (factor + kept values * scale), and the per-tensor counts apply checks first.
 //
 // Two passes, because an element's output slot depends on how many elements before it are kept:
-//   1. a count kernel per mask source writes each tile's kept count (and, from an explicit mask,
-//      the bitmap: 1 bit per element, so pass 2 reads 1/8 of the mask's bytes);
+//   1. a count kernel writes each tile's kept count;
 //   2. cub::DeviceScan turns the tile counts into tile bases; a block then ranks its threads with
 //      cub::BlockScan over their popcounts, and each thread walks its 16 flags.
-// Dense streams (the bool mask, the factor in and out) go through cub::BlockLoad/BlockStore with
-// the warp-transpose algorithm: coalesced whatever the alignment of a tensor inside the group.
+// Dense streams (the factor in and out) go through cub::BlockLoad/BlockStore with the
+// warp-transpose algorithm: coalesced whatever the alignment of a tensor inside the group.
 // Kept values are read and written directly, only where kept (~5-20% of the elements).
+//
+// (The explicit-mask bitmap codec that shared these passes was deleted: nothing but its tests
+// called it.)
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -49,22 +52,12 @@ __device__ __forceinline__ Tile locate_tile(const GroupTables& g) {
   return tile;
 }
 
-// Mask sources: the keep flags of the run of 16 elements a thread owns (first = its first element,
-// counted in the tensor); *padding = bits set past the tensor's end (only a bitmap can have them).
-struct BitmapSource {
-  const uint8_t* bitmap;
-  __device__ __forceinline__ uint32_t bits(const GroupTables& g, const Tile& tile, int64_t first,
-                                           uint32_t* padding) const {
-    return bitmap_run_bits(bitmap + g.bitmap_offsets[tile.tensor], tile.numel, first, padding);
-  }
-};
-
+// The mask source: the keep flags of the run of 16 elements a thread owns (first = its first
+// element, counted in the tensor), from the tensor's Philox key.
 struct PhiloxSource {
   const int64_t* keys;
   uint32_t threshold;
-  __device__ __forceinline__ uint32_t bits(const GroupTables&, const Tile& tile, int64_t first,
-                                           uint32_t* padding) const {
-    *padding = 0;
+  __device__ __forceinline__ uint32_t bits(const Tile& tile, int64_t first) const {
     return philox_run_bits(static_cast<uint64_t>(keys[tile.tensor]), threshold, tile.numel, first);
   }
 };
@@ -91,38 +84,13 @@ __device__ __forceinline__ int64_t run_first(const Tile& tile) {
 
 // ------------------------------------------------------------------------------------ pass 1
 
-__global__ void __launch_bounds__(kThreads)
-    encode_bitmap_kernel(GroupTables g, const uint8_t* __restrict__ mask, uint8_t* __restrict__ bitmap,
-                         int64_t* __restrict__ tile_counts) {
-  using Load = cub::BlockLoad<uint8_t, kThreads, kItems, cub::BLOCK_LOAD_WARP_TRANSPOSE>;
-  using Reduce = cub::BlockReduce<int, kThreads>;
-  __shared__ union {
-    typename Load::TempStorage load;
-    typename Reduce::TempStorage reduce;
-  } temp;
-  const Tile tile = locate_tile(g);
-  uint8_t flags[kItems];
-  Load(temp.load).Load(mask + tile.global, flags, tile.valid, uint8_t{0});
-  uint32_t bits = 0;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) bits |= static_cast<uint32_t>(flags[j] != 0) << j;
-  write_bitmap_run(bits, bitmap + g.bitmap_offsets[tile.tensor], tile.numel, run_first(tile));
-  __syncthreads();  // temp.load is reused by the reduction
-  const int kept = Reduce(temp.reduce).Sum(__popc(bits));
-  if (threadIdx.x == 0) tile_counts[blockIdx.x] = kept;
-}
-
 template <class Source>
 __global__ void __launch_bounds__(kThreads)
-    count_kernel(GroupTables g, Source source, int64_t* __restrict__ tile_counts, int64_t* __restrict__ status) {
+    count_kernel(GroupTables g, Source source, int64_t* __restrict__ tile_counts) {
   using Reduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename Reduce::TempStorage temp;
   const Tile tile = locate_tile(g);
-  uint32_t padding = 0;
-  const uint32_t bits = source.bits(g, tile, run_first(tile), &padding);
-  if (padding != 0 && status != nullptr) {
-    atomicMax(reinterpret_cast<unsigned long long*>(status + 1), static_cast<unsigned long long>(tile.tensor + 1));
-  }
+  const uint32_t bits = source.bits(tile, run_first(tile));
   const int kept = Reduce(temp).Sum(__popc(bits));
   if (threadIdx.x == 0) tile_counts[blockIdx.x] = kept;
 }
@@ -151,8 +119,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ typename cub::BlockScan<int, kThreads>::TempStorage temp;
   const Tile tile = locate_tile(g);
   const int64_t first = run_first(tile);
-  uint32_t padding;
-  const uint32_t bits = source.bits(g, tile, first, &padding);
+  const uint32_t bits = source.bits(tile, first);
   int64_t slot = run_slot(temp, tile_base, bits);
   const T* run = values + (tile.global - tile.local) + first;
 #pragma unroll
@@ -167,7 +134,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // A kept value widened to float32. The format is a kernel argument, not a template parameter: the
 // switch is uniform across the grid and runs for kept elements only, and 3 value formats x 2
-// factor formats x 2 sources as templates made codec.cu the slowest file of the CI compile test.
+// factor formats (x 2 mask sources, then) as templates made codec.cu the slowest file of the CI
+// compile test.
 __device__ __forceinline__ float value_to_float(const void* values, int64_t i, FloatFormat format) {
   switch (format) {
     case FloatFormat::kBFloat16:
@@ -196,8 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   Bits x[kItems];
   Load(temp.load).Load(factor + tile.global, x, tile.valid, Bits{0});
   __syncthreads();  // temp.load is reused by the scan
-  uint32_t padding;
-  const uint32_t bits = source.bits(g, tile, run_first(tile), &padding);
+  const uint32_t bits = source.bits(tile, run_first(tile));
   int64_t slot = run_slot(temp.scan, tile_base, bits);
   const float scale = scales[tile.tensor];
 #pragma unroll
@@ -209,19 +176,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();  // temp.scan is reused by the store
   Store(temp.store).Store(out + tile.global, x, tile.valid);
-}
-
-template <class Source>
-__global__ void __launch_bounds__(kThreads) keep_mask_kernel(GroupTables g, Source source, uint8_t* __restrict__ mask) {
-  using Store = cub::BlockStore<uint8_t, kThreads, kItems, cub::BLOCK_STORE_WARP_TRANSPOSE>;
-  __shared__ typename Store::TempStorage temp;
-  const Tile tile = locate_tile(g);
-  uint32_t padding;
-  const uint32_t bits = source.bits(g, tile, run_first(tile), &padding);
-  uint8_t flags[kItems];
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) flags[j] = static_cast<uint8_t>((bits >> j) & 1u);
-  Store(temp).Store(mask + tile.global, flags, tile.valid);
 }
 
 // ------------------------------------------------------------------------------------ launch
@@ -286,24 +240,10 @@ cudaError_t launch_expand_add(const GroupTables& g, Source source, const int64_t
 
 }  // namespace
 
-cudaError_t encode_bitmap(const GroupTables& g, const uint8_t* mask, uint8_t* bitmap, int64_t* tile_counts,
-                          cudaStream_t stream) {
-  if (g.num_tiles == 0) return cudaSuccess;
-  encode_bitmap_kernel<<<tile_grid(g), kThreads, 0, stream>>>(g, mask, bitmap, tile_counts);
-  return cudaGetLastError();
-}
-
-cudaError_t count_bitmap(const GroupTables& g, const uint8_t* bitmap, int64_t* tile_counts, int64_t* status,
-                         cudaStream_t stream) {
-  if (g.num_tiles == 0) return cudaSuccess;
-  count_kernel<<<tile_grid(g), kThreads, 0, stream>>>(g, BitmapSource{bitmap}, tile_counts, status);
-  return cudaGetLastError();
-}
-
 cudaError_t count_philox(const GroupTables& g, const int64_t* keys, uint32_t threshold, int64_t* tile_counts,
                          cudaStream_t stream) {
   if (g.num_tiles == 0) return cudaSuccess;
-  count_kernel<<<tile_grid(g), kThreads, 0, stream>>>(g, PhiloxSource{keys, threshold}, tile_counts, nullptr);
+  count_kernel<<<tile_grid(g), kThreads, 0, stream>>>(g, PhiloxSource{keys, threshold}, tile_counts);
   return cudaGetLastError();
 }
 
@@ -324,21 +264,9 @@ cudaError_t scan_tiles(const GroupTables& g, const int64_t* tile_counts, int64_t
   return cudaGetLastError();
 }
 
-cudaError_t compact_bitmap(const GroupTables& g, const uint8_t* bitmap, const int64_t* tile_base,
-                           const void* values, int elem_bytes, void* kept, cudaStream_t stream) {
-  return launch_compact(g, BitmapSource{bitmap}, tile_base, values, elem_bytes, kept, nullptr, stream);
-}
-
 cudaError_t compact_philox(const GroupTables& g, const int64_t* keys, uint32_t threshold, const int64_t* tile_base,
                            const void* values, int elem_bytes, void* kept, int64_t* kept_index, cudaStream_t stream) {
   return launch_compact(g, PhiloxSource{keys, threshold}, tile_base, values, elem_bytes, kept, kept_index, stream);
-}
-
-cudaError_t expand_add_bitmap(const GroupTables& g, const uint8_t* bitmap, const int64_t* tile_base,
-                              const void* factor, FloatFormat factor_format, const void* values,
-                              FloatFormat value_format, const float* scales, void* out, cudaStream_t stream) {
-  return launch_expand_add(g, BitmapSource{bitmap}, tile_base, factor, factor_format, values, value_format, scales,
-                           out, stream);
 }
 
 cudaError_t expand_add_philox(const GroupTables& g, const int64_t* keys, uint32_t threshold,
@@ -347,13 +275,6 @@ cudaError_t expand_add_philox(const GroupTables& g, const int64_t* keys, uint32_
                               cudaStream_t stream) {
   return launch_expand_add(g, PhiloxSource{keys, threshold}, tile_base, factor, factor_format, values, value_format,
                            scales, out, stream);
-}
-
-cudaError_t philox_keep_mask(const GroupTables& g, const int64_t* keys, uint32_t threshold, uint8_t* mask,
-                             cudaStream_t stream) {
-  if (g.num_tiles == 0) return cudaSuccess;
-  keep_mask_kernel<<<tile_grid(g), kThreads, 0, stream>>>(g, PhiloxSource{keys, threshold}, mask);
-  return cudaGetLastError();
 }
 
 }  // namespace fedsrd

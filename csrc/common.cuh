@@ -1,5 +1,5 @@
-// Helpers shared by the codec kernels, written for host and device: the CPU test
-// (tests/test_cuda_compile.py) runs the host build of the bit-order, tile and rounding rules.
+// Helpers shared by the download kernels, written for host and device: the CPU test
+// (tests/test_cuda_compile.py) runs the host build of the seeded-run, tile and rounding rules.
 #pragma once
 
 #include <cstdint>
@@ -15,18 +15,6 @@ FEDSRD_HD int popcount32(uint32_t x) {
   return __popc(x);
 #else
   return __builtin_popcount(x);
-#endif
-}
-
-// Reverse the 8 bits of a byte (x < 256). np.packbits puts element 8b at bit 7 of byte b; a
-// thread's keep flags put element j of its run at bit j.
-FEDSRD_HD uint32_t reverse8(uint32_t x) {
-#if defined(__CUDA_ARCH__)
-  return __brev(x) >> 24;
-#else
-  x = ((x & 0xF0u) >> 4) | ((x & 0x0Fu) << 4);
-  x = ((x & 0xCCu) >> 2) | ((x & 0x33u) << 2);
-  return ((x & 0xAAu) >> 1) | ((x & 0x55u) << 1);
 #endif
 }
 
@@ -49,29 +37,6 @@ FEDSRD_HD int64_t tensor_of_tile(const int64_t* tile_first, int64_t num_tensors,
     }
   }
   return lo;
-}
-
-// Keep flags of the run of elements first .. first + 15 (first % 16 == 0) of a tensor of numel
-// elements, read from its packbits bitmap (ceil(numel / 8) bytes). *padding gets the bits set in
-// the bitmap's last byte past numel (a malformed bitmap); they are not returned as kept.
-FEDSRD_HD uint32_t bitmap_run_bits(const uint8_t* bitmap, int64_t numel, int64_t first, uint32_t* padding) {
-  const int64_t num_bytes = (numel + 7) / 8;
-  const int64_t byte = first / 8;
-  const uint32_t b0 = byte < num_bytes ? bitmap[byte] : 0u;
-  const uint32_t b1 = byte + 1 < num_bytes ? bitmap[byte + 1] : 0u;
-  const uint32_t raw = reverse8(b0) | (reverse8(b1) << 8);
-  const uint32_t valid = run_valid_bits(numel - first);
-  *padding = raw & ~valid;
-  return raw & valid;
-}
-
-// Write a run's keep flags (none set past numel) as its two packbits bytes, skipping bytes past
-// the tensor's bitmap (they belong to the next tensor's).
-FEDSRD_HD void write_bitmap_run(uint32_t bits, uint8_t* bitmap, int64_t numel, int64_t first) {
-  const int64_t num_bytes = (numel + 7) / 8;
-  const int64_t byte = first / 8;
-  if (byte < num_bytes) bitmap[byte] = static_cast<uint8_t>(reverse8(bits & 0xFFu));
-  if (byte + 1 < num_bytes) bitmap[byte + 1] = static_cast<uint8_t>(reverse8((bits >> 8) & 0xFFu));
 }
 
 // Keep flags of the run first .. first + 15 under the seeded rule (philox.cuh): 4 counters.

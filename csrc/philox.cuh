@@ -5,11 +5,12 @@
 //
 // Why not curand: curand's Philox4_32_10 is this generator and does reproduce the rule
 // (curand_init(K, 0, 4 * (i / 4)) then curand4(): seed = key, subsequence = the counter's high 64
-// bits, offset / 4 = its low 64 bits; philox_check.cu compares the two on the GPU). But
-// curand_kernel.h is not part of every CUDA toolkit (it is not in the one CI compiles with), its
-// state (64 bytes with Box-Muller fields) and skip-ahead are machinery a stateless counter-based
-// draw does not need, and the round function below is ten lines. Host and device share it, so the
-// CPU build of tests/test_cuda_compile.py checks it against the numpy reference.
+// bits, offset / 4 = its low 64 bits). But curand_kernel.h is not part of every CUDA toolkit (it
+// is not in the one CI compiles with), its state (64 bytes with Box-Muller fields) and skip-ahead
+// are machinery a stateless counter-based draw does not need, and the round function below is ten
+// lines. Host and device share it, so the CPU build of tests/test_cuda_compile.py checks it
+// against the numpy reference, and tests/test_cuda_ops.py checks the device build through the
+// positions the compaction returns.
 #pragma once
 
 #include <cstdint>

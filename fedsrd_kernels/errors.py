@@ -49,5 +49,16 @@ class FormatVersionError(PayloadError):
     """The payload was written by an unknown version of the wire format."""
 
 
+class SeededCountError(PayloadError, ShapeMismatchError):
+    """A seeded download delta carries another number of values than its mask keeps.
+
+    ``decode`` does not draw seeded masks (it would cost 0.3-0.6 s per 50 M elements on the
+    CPU), so this is found where the mask is drawn: ``apply`` (on the device that applies
+    it) or ``SparseTensor.indices`` / ``to_dense``. It is a PayloadError, what decode raised
+    for it before, and a ShapeMismatchError (a StateError), what ``apply`` raises for a
+    broadcast that does not fit the state.
+    """
+
+
 class MissingExtraError(FedSRDError, ImportError):
     """An optional part of the package is used without its extra installed (names the extra)."""

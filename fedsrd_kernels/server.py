@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .baselines import METHODS, MethodSpec, fedavg_pair, flexlora_pair
-from .config import SparsifyConfig, check_probability, check_value_dtype
+from .config import FACTOR_DTYPES, SparsifyConfig, check_probability, check_value_dtype
 from .decompose import DecomposeOptions, check_options, decompose, scheduled_factor, truncation_rank
 from .errors import (
     AggregationError,
@@ -27,9 +27,8 @@ from .errors import (
 )
 from .kernels._backend import check_backend_name, resolve_backend
 from .kernels.decompose import weighted_mean
-from .kernels.philox import mask_key, seeded_keep_indices
 from .lora import LORA_A_SUFFIX, LoraPair, StateDict, check_state, factor_keys, factor_of, state_digest
-from .updates import FLOAT32_MAX, Broadcast, SparseTensor, SparseUpdate
+from .updates import FLOAT32_MAX, Broadcast, SeededMask, SparseTensor, SparseUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -181,19 +180,27 @@ class Aggregator:
         return pairs
 
     def check_update(self, name: str, update: object, global_state: StateDict, round: int) -> SparseUpdate:
-        """Validate one client update against the global state of this round."""
+        """Validate one client update against the global state of this round.
+
+        NaN / Inf values are refused here, naming the update and the key. The check reads the
+        verdict each SparseTensor took when it was built (its one pass over the values), so
+        screening, aggregate and stream can all call this without scanning the values again;
+        ``decode`` refuses non-finite wire values from the same verdict (PayloadError).
+        """
         if not isinstance(update, SparseUpdate):
             raise AggregationError(f"{name} is a {type(update).__name__}, not a SparseUpdate")
         if update.round is not None and update.round != round:
             raise AggregationError(f"{name} was made for round {update.round}, this is round {round}")
         for key, sparse in update.deltas.items():
+            if not isinstance(sparse, SparseTensor):
+                raise AggregationError(f"{name}[{key!r}] is a {type(sparse).__name__}, not a SparseTensor")
             if key not in global_state:
                 raise KeyMismatchError(f"{name} carries {key!r}, which the global state lacks")
             if sparse.shape != tuple(global_state[key].shape):
                 raise ShapeMismatchError(
                     f"{name}[{key!r}] has shape {sparse.shape}, global state has {tuple(global_state[key].shape)}"
                 )
-            if sparse.values.numel() and not bool(torch.isfinite(sparse.values).all()):
+            if not sparse.is_finite:
                 raise NonFiniteError(f"{name}[{key!r}] holds NaN/Inf values")
             if self.freeze_lora_A and factor_of(key) == "A":
                 raise StateError(f"{name} changes {key!r}, but {self.method} freezes lora_A")
@@ -244,12 +251,13 @@ class Aggregator:
         def client_deltas(key: str) -> list[torch.Tensor | None]:
             return [u.deltas[key].to_dense() if key in u.deltas else None for u in updates]
 
+        factor_deltas: dict[str, torch.Tensor] = {}  # downloaded together below: one grouped launch
         if self.decompose_options is not None:
             by_prefix = {pair.prefix: pair for pair in pairs}
             for prefix, result in decompose(global_state, updates, pairs, p, round, self.decompose_options).items():
                 pair = by_prefix[prefix]
                 key = pair.a_key if result.moved == "A" else pair.b_key
-                deltas[key] = self._download(key, result.delta, round)
+                factor_deltas[key] = result.delta
                 report.moved[prefix] = result.moved
                 report.scheduled[prefix] = result.scheduled
                 report.paths[prefix] = result.path
@@ -273,7 +281,8 @@ class Aggregator:
             report.moved[pair.prefix] = "".join(sorted(moved))
             for factor, delta in moved.items():
                 key = pair.a_key if factor == "A" else pair.b_key
-                deltas[key] = self._download(key, delta, round)
+                factor_deltas[key] = delta
+        deltas.update(self._downloads(factor_deltas, round))
         seeded = set(deltas) if self.download_drop > 0 else set()  # every factor delta went through DARE
         pair_keys = factor_keys(pairs)
         for key in sorted(global_state):
@@ -304,30 +313,60 @@ class Aggregator:
         return RoundStream(self, global_state, round, **options)
 
     def _download(self, key: str, delta: torch.Tensor, round: int) -> SparseTensor:
-        """DARE on a factor delta: keep the seeded positions, scale by 1 / (1 - p)."""
-        flat = delta.flatten()
-        largest = float(flat.abs().max()) if flat.numel() else 0.0
-        if not largest / (1.0 - self.download_drop) <= FLOAT32_MAX:  # also catches NaN
-            raise NonFiniteError(f"the aggregate of {key!r} is not finite in float32 (up to {largest:.3g})")
-        if self.download_drop == 0.0:
-            return SparseTensor(delta.shape, flat.to(self.value_dtype))
-        choice = resolve_backend(delta.device, self.backend, cuda_op=True)
-        if choice == "cuda":
-            from .kernels.cuda_ops import dare_compact_cuda
+        """DARE on one factor delta: ``_downloads`` of a group of one."""
+        return self._downloads({key: delta}, round)[key]
 
-            kept, values, _ = dare_compact_cuda(flat, [0, flat.numel()], [mask_key(self.seed, round, key)],
-                                                self.download_drop, self.value_dtype)
-        elif choice == "triton":
-            from .kernels.download_triton import dare_compact_triton
+    def _downloads(self, deltas: Mapping[str, torch.Tensor], round: int) -> dict[str, SparseTensor]:
+        """DARE on the round's factor deltas: keep each key's seeded positions, scale by 1 / (1 - p).
 
-            key_bits = mask_key(self.seed, round, key)
-            kept, values = dare_compact_triton(delta, key_bits, self.download_drop, self.value_dtype)
-        else:
-            kept = seeded_keep_indices(
-                flat.numel(), seed=self.seed, round=round, name=key, drop=self.download_drop
-            ).to(delta.device)
-            values = flat[kept].to(self.value_dtype)
-        return SparseTensor(delta.shape, values, kept, scale=1.0 / (1.0 - self.download_drop))
+        Each delta becomes a SparseTensor with its SeededMask (seed, round, key, p) and the kept
+        values in ``value_dtype``; the positions are not kept. On the triton and cuda backends the
+        deltas of one device and dtype are compacted in one grouped launch; the torch backend
+        (the reference, and the CPU path) draws each key's mask with numpy. NonFiniteError names
+        the first key whose values, scaled by 1 / (1 - p), do not fit float32.
+        """
+        drop = self.download_drop
+        flats = {key: delta.reshape(-1) for key, delta in deltas.items()}
+        groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+        for key, flat in flats.items():
+            groups.setdefault((flat.device, flat.dtype), []).append(key)
+        for members in groups.values():  # one host sync per group, not per key
+            largest = torch.stack([flats[k].abs().amax() if flats[k].numel() else flats[k].new_zeros(())
+                                   for k in members]).tolist()
+            for key, top in zip(members, largest):
+                if not top / (1.0 - drop) <= FLOAT32_MAX:  # also catches NaN
+                    raise NonFiniteError(f"the aggregate of {key!r} is not finite in float32 (up to {top:.3g})")
+        if drop == 0.0:
+            return {key: SparseTensor(deltas[key].shape, flat.to(self.value_dtype)) for key, flat in flats.items()}
+        values: dict[str, torch.Tensor] = {}
+        for (device, dtype), members in groups.items():
+            choice = resolve_backend(device, self.backend, cuda_op=True)
+            if choice == "cuda" and dtype not in (torch.float32, torch.float64):
+                choice = "torch"  # the op compacts float32 / float64 sources; torch is exact for the rest
+            if choice == "torch":
+                for key in members:
+                    kept = SeededMask(self.seed, round, key, drop).keep_indices(flats[key].numel(), device=device)
+                    values[key] = flats[key][kept].to(self.value_dtype)
+                continue
+            offsets = [0]
+            for key in members:
+                offsets.append(offsets[-1] + flats[key].numel())
+            flat = flats[members[0]] if len(members) == 1 else torch.cat([flats[k] for k in members])
+            bits = [SeededMask(self.seed, round, key, drop).philox_key for key in members]
+            if choice == "cuda":
+                from .kernels.cuda_ops import dare_compact_cuda
+
+                _, kept_values, value_offsets = dare_compact_cuda(flat, offsets, bits, drop, self.value_dtype)
+            else:
+                from .kernels.download_triton import dare_compact_grouped_triton
+
+                _, kept_values, value_offsets = dare_compact_grouped_triton(flat, offsets, bits, drop,
+                                                                            self.value_dtype)
+            for key, lo, hi in zip(members, value_offsets, value_offsets[1:]):
+                values[key] = kept_values[lo:hi]
+        scale = 1.0 / (1.0 - drop)
+        return {key: SparseTensor(deltas[key].shape, values[key], scale=scale,
+                                  mask=SeededMask(self.seed, round, key, drop)) for key in deltas}
 
 
 def reconstructed_norms(global_state: StateDict, updates: Sequence[SparseUpdate],
@@ -415,10 +454,13 @@ def normalised_weights(weights: Sequence[float] | None, count: int) -> torch.Ten
 
 
 def check_finite_changes(deltas: Mapping[str, SparseTensor], replace: Mapping[str, torch.Tensor], what: str) -> None:
-    """NonFiniteError naming the first key whose values, scaled in float32 as densify scales them, are not finite."""
+    """NonFiniteError naming the first key whose values, scaled in float32 as densify scales them, are not finite.
+
+    A SparseTensor refuses finite values whose product with its scale overflows float32 when it is
+    built, and records whether its values are finite then, so the deltas cost no pass here.
+    """
     for key, sparse in deltas.items():
-        scaled = sparse.values.to(torch.float32) * sparse.scale if sparse.scale != 1.0 else sparse.values
-        if scaled.numel() and not bool(torch.isfinite(scaled).all()):
+        if not sparse.is_finite:
             raise NonFiniteError(f"{what} of {key!r} is not finite (it overflows float32)")
     for key, value in replace.items():
         if value.numel() and not bool(torch.isfinite(value).all()):
@@ -436,10 +478,15 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = N
     hold NaN or Inf raises NonFiniteError naming the key. Either way nothing changes.
 
     Server and clients run this same function on the same Broadcast, so they
-    hold bit-identical states (every backend gives the same bits: the Triton
-    path redraws the seeded mask on the device and fuses expand + add).
-    Returns a new dict; ``global_state`` is not modified (untouched keys
-    share their tensors with it).
+    hold bit-identical states (every backend gives the same bits). Seeded deltas
+    (a SeededMask, as ``decode`` and ``Aggregator`` make them) are drawn here, once,
+    on the device of the state: on the triton and cuda backends one grouped launch
+    per device and dtype redraws the masks in registers and fuses expand + add
+    (the new factors of a group are views of one buffer); the torch backend draws
+    each mask with numpy on the CPU. A seeded delta whose value count is not what
+    its mask keeps raises SeededCountError (a PayloadError and a ShapeMismatchError)
+    naming the key. Returns a new dict; ``global_state`` is not modified (untouched
+    keys share their tensors with it).
     """
     if not isinstance(broadcast, Broadcast):
         raise StateError(f"apply expects a Broadcast, got {type(broadcast).__name__}")
@@ -457,6 +504,13 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = N
     for prefix in broadcast.moved:
         if prefix + LORA_A_SUFFIX not in global_state:
             raise KeyMismatchError(f"broadcast moves {prefix!r}, which the global state lacks")
+    for key, sparse in broadcast.deltas.items():
+        if not isinstance(sparse, SparseTensor):
+            raise StateError(f"broadcast[{key!r}] is a {type(sparse).__name__}, not a SparseTensor")
+        if sparse.is_seeded and (key not in broadcast.seeded or sparse.mask != SeededMask(
+                broadcast.seed, broadcast.round, key, broadcast.download_drop)):
+            raise StateError(f"broadcast[{key!r}]: its mask {sparse.mask} is not one of this broadcast's seeded "
+                             "download masks")
     if broadcast.base is not None:
         held = state_digest(global_state) if base is None else base
         if held != broadcast.base:
@@ -464,22 +518,16 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = N
                 f"the round-{broadcast.round} broadcast was made for the global {broadcast.base[:12]}..., this "
                 f"state is {held[:12]}... (another model or round, or the broadcast was already applied)")
     new_state = dict(global_state)
+    groups: dict[tuple[str, torch.device, torch.dtype], list[str]] = {}
     for key, sparse in broadcast.deltas.items():
         old = global_state[key]
-        choice = resolve_backend(old.device, backend, cuda_op=True) if key in broadcast.seeded else "torch"
-        key_bits = mask_key(broadcast.seed, broadcast.round, key) if choice != "torch" else 0
-        if choice == "cuda":
-            from .kernels.cuda_ops import seeded_expand_add_cuda
-
-            new_state[key] = seeded_expand_add_cuda(old.reshape(-1), [0, old.numel()], sparse.values, [key_bits],
-                                                    broadcast.download_drop, [sparse.scale]).view(old.shape)
-        elif choice == "triton":
-            from .kernels.download_triton import seeded_expand_add_triton
-
-            new_state[key] = seeded_expand_add_triton(old, sparse.values.to(old.device), key_bits,
-                                                      broadcast.download_drop, sparse.scale)
-        else:
+        choice = resolve_backend(old.device, backend, cuda_op=True) if sparse.is_seeded else "torch"
+        if choice != "torch" and old.dtype in FACTOR_DTYPES:
+            groups.setdefault((choice, old.device, old.dtype), []).append(key)
+        else:  # the reference: dense deltas, explicit positions, seeded masks drawn with numpy
             new_state[key] = (old.to(torch.float32) + sparse.to_dense().to(old.device)).to(old.dtype)
+    for (choice, device, _), keys in groups.items():
+        new_state.update(_seeded_expand_add(global_state, broadcast, keys, choice, device))
     for key, value in broadcast.replace.items():
         old = global_state[key]
         new_state[key] = value.to(device=old.device, dtype=old.dtype).clone()
@@ -488,6 +536,41 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = N
             raise NonFiniteError(f"applying the round-{broadcast.round} broadcast makes {key!r} non-finite; "
                                  "the state is left as it was")
     return new_state
+
+
+def _seeded_expand_add(global_state: StateDict, broadcast: Broadcast, keys: list[str], choice: str,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """``old + expand(values) * scale`` for the seeded ``keys`` (one device and dtype) in one grouped launch.
+
+    The factors are laid end to end in one buffer, the kernel draws every mask in registers,
+    checks each key's value count against its mask (one host sync) and adds; each new factor
+    is a view of the output buffer.
+    """
+    olds = [global_state[key] for key in keys]
+    sparses = [broadcast.deltas[key] for key in keys]
+    offsets = [0]
+    for old in olds:
+        offsets.append(offsets[-1] + old.numel())
+    flat = olds[0].reshape(-1) if len(olds) == 1 else torch.cat([old.reshape(-1) for old in olds])
+    dtypes = {s.values.dtype for s in sparses}
+    # One value buffer: as sent when the dtypes agree, else widened to float32 (exact for the wire dtypes,
+    # and the rounding torch's reference applies to anything wider).
+    value_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    if value_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        value_dtype = torch.float32
+    values = torch.cat([s.values.to(value_dtype) for s in sparses]).to(device)
+    args = (flat, offsets, values, [s.mask.philox_key for s in sparses], broadcast.download_drop,
+            [s.scale for s in sparses])
+    counts = [s.nnz for s in sparses]
+    if choice == "cuda":
+        from .kernels.cuda_ops import seeded_expand_add_cuda
+
+        out = seeded_expand_add_cuda(*args, counts=counts, names=keys)
+    else:
+        from .kernels.download_triton import seeded_expand_add_grouped_triton
+
+        out = seeded_expand_add_grouped_triton(*args, counts=counts, names=keys)
+    return {key: out[a:b].view(old.shape) for key, old, a, b in zip(keys, olds, offsets, offsets[1:])}
 
 
 __all__ = ["Aggregator", "AggregationReport", "apply", "bound_norms", "normalised_weights", "reconstructed_norms",

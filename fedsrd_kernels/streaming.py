@@ -176,7 +176,7 @@ class RoundStream:
         factor_deltas: dict[str, torch.Tensor] = {}
         for group in self._groups:
             self._finish_group(group, factor_deltas, report)
-        deltas = {key: agg._download(key, delta, self._round) for key, delta in factor_deltas.items()}
+        deltas = agg._downloads(factor_deltas, self._round)
         seeded = set(deltas) if agg.download_drop > 0 else set()
         for key in sorted(self._other_touched):
             mean = (self._other[key] / self._total_weight).to(torch.float32)

@@ -11,7 +11,11 @@ level 3 shrink to 0.855 of raw in fp32 (0.925 unshuffled), 0.710 in bf16 (0.777)
 0.843 in fp16 (0.917); level 19 gains 1% more at 60x the time.
 
 Positions: "dense" (indices None), "seeded" (Broadcast.seeded keys: regenerated from
-seed, round, key and download_drop) or explicit, whichever compresses smaller:
+seed, round, key and download_drop; decode returns a SparseTensor with a SeededMask
+and draws nothing: a full Llama-3.2-3B r=64 broadcast decodes in 0.13-0.15 s of one
+CPU core, the BLAKE2b tag, zstd and the byte planes, where drawing its 196 masks
+took 0.4 s more; benchmarks/bench_download.py --wire) or explicit, whichever
+compresses smaller:
 "bitmap" (np.packbits) or "delta_u8/16/32/64" (first index then gaps, narrowest
 width, byte-shuffled). Uniform positions in 524,288 elements: at 5.2% the gaps take
 19.6 KB vs 25.1 KB for the bitmap (entropy 19.3 KB); at 20% the bitmap wins (48.1
@@ -27,7 +31,10 @@ the base digest, the client id). Hashing costs about 1 ms per MB.
 
 ``decode`` takes untrusted bytes: a valid object, or PayloadError (FormatVersionError
 for an unknown format or version) naming the tensor and the problem. Allocations are
-bounded by the declared shapes, capped at ``max_numel`` elements per payload.
+bounded by the declared shapes, capped at ``max_numel`` elements per payload. The one
+check decode defers is the value count of a seeded delta against its mask, which needs
+the mask drawn: ``server.apply`` checks it on the device it applies on (SeededCountError,
+a PayloadError).
 """
 
 from __future__ import annotations
@@ -45,9 +52,15 @@ import torch
 import zstandard
 
 from .config import MAX_NUMEL, VALUE_DTYPES
-from .errors import FormatVersionError, NonFiniteError, PayloadError, ShapeMismatchError, StateError
+from .errors import FedSRDError, FormatVersionError, NonFiniteError, PayloadError, ShapeMismatchError, StateError
 from .lora import DIGEST_HEX_CHARS
-from .updates import Broadcast, SparseTensor, SparseUpdate, scaled_overflow
+from .updates import (
+    Broadcast,
+    SeededMask,
+    SparseTensor,
+    SparseUpdate,
+    scaled_overflow,  # noqa: F401  (re-exported: tests and callers import it from here)
+)
 
 FORMAT_NAME = "fedsrd-wire"
 # 2: updates carry "base", the digest of the global state they were made against;
@@ -203,8 +216,16 @@ def _shuffled(array: np.ndarray, itemsize: int) -> np.ndarray:
 
 
 def _unshuffled(raw: bytes, itemsize: int) -> np.ndarray:
-    """Inverse of _shuffled, as a fresh writable array."""
-    return np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1).T.copy().reshape(-1)
+    """Inverse of _shuffled, as a fresh writable array.
+
+    One strided copy per byte plane: 30 ms for 10 M float32 values on the dev box, where the
+    transposed copy (``.T.copy()``) took 113 ms, more than the zstd frame's decompression.
+    """
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1)
+    out = np.empty((planes.shape[1], itemsize), dtype=np.uint8)
+    for j in range(itemsize):
+        out[:, j] = planes[j]
+    return out.reshape(-1)
 
 
 def _compress(data: np.ndarray) -> np.ndarray:
@@ -261,36 +282,40 @@ def _decode_positions(entry: dict, numel: int, raw: bytes, where: str) -> np.nda
     return indices
 
 
-def _seeded_indices(fields: dict, key: str, numel: int) -> torch.Tensor:
-    """Positions of a seeded key: the download mask of (seed, round, key, download_drop)."""
-    from .kernels.philox import seeded_keep_indices
-
-    drop = fields["download_drop"]
-    return seeded_keep_indices(numel, seed=fields["seed"], round=fields["round"], name=key, drop=drop)
+def _seeded_mask(fields: dict, key: str) -> SeededMask:
+    """The download mask of a seeded key: (seed, round, key, download_drop) of its broadcast."""
+    return SeededMask(fields["seed"], fields["round"], key, float(fields["download_drop"]))
 
 
 def _encode_tensor(meta: dict, group: str, key: str, sparse: SparseTensor, blobs: dict, i: int) -> dict:
     """Validate one tensor, add its blobs ("{i}.values", "{i}.positions") and return its entry."""
+    if not isinstance(sparse, SparseTensor):
+        raise StateError(f"tensor {key!r} is a {type(sparse).__name__}, not a SparseTensor")
     values = sparse.values.detach().cpu().contiguous()
     if values.dtype not in _DTYPE_NAMES:
         raise ShapeMismatchError(f"tensor {key!r}: value dtype {values.dtype} is not a wire dtype")
     seeded = group == "delta" and key in meta.get("seeded", ())  # a replacement of a seeded key is dense
-    positions = "dense" if sparse.indices is None else "seeded" if seeded else "bitmap"
+    positions = "seeded" if seeded and not sparse.is_dense else "dense" if sparse.is_dense else "bitmap"
     entry = {"key": key, "group": group, "shape": list(sparse.shape), "dtype": _DTYPE_NAMES[values.dtype],
              "nnz": sparse.nnz, "positions": positions, "scale": sparse.scale}
     numel = _check_entry(entry, meta["kind"], StateError)  # before anything sized by numel
-    if not bool(torch.isfinite(values).all()):
+    if not sparse.is_finite:  # read when the SparseTensor was built: no pass over the values here
         raise NonFiniteError(f"tensor {key!r} holds NaN or Inf values")
     if seeded and positions == "dense":
         raise StateError(f"tensor {key!r} is seeded but dense")
-    if positions != "dense":
+    if sparse.is_seeded:  # the mask is sent as the broadcast's (seed, round, download_drop) and the key
+        if not seeded:
+            raise StateError(f"tensor {key!r} has a seeded mask, but only a broadcast's seeded keys can send one")
+        if sparse.mask != _seeded_mask(meta, key):
+            raise StateError(f"tensor {key!r}: its mask {sparse.mask} is not this broadcast's download mask")
+    elif positions != "dense":
         indices = sparse.indices.detach().cpu()
         if indices.dtype != torch.int64 or indices.dim() != 1:
             raise StateError(f"tensor {key!r}: indices must be 1-D int64, got {indices.dtype}")
         ordered = bool((indices[1:] > indices[:-1]).all())  # a comparison cannot wrap, a difference can
         if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= numel or not ordered):
             raise StateError(f"tensor {key!r}: indices must be sorted, unique and in [0, {numel})")
-        if seeded and not torch.equal(indices, _seeded_indices(meta, key, numel)):
+        if seeded and not torch.equal(indices, _seeded_mask(meta, key).keep_indices(numel)):  # explicit: drawn
             raise StateError(f"tensor {key!r}: indices are not the seeded download mask")
         if not seeded:
             entry["positions"], blobs[f"{i}.positions"] = _encode_positions(indices.numpy(), numel)
@@ -338,7 +363,12 @@ def _paper_bytes(entry: dict) -> int:
 
 
 def encode(obj: SparseUpdate | Broadcast) -> bytes:
-    """Serialise an update or broadcast; validates it (NonFiniteError, StateError) and never modifies it."""
+    """Serialise an update or broadcast; validates it (NonFiniteError, StateError) and never modifies it.
+
+    A seeded delta with a SeededMask is sent without drawing the mask: its mask must be the broadcast's
+    (seed, round, key, download_drop), and its value count is checked where the mask is drawn (apply).
+    One with explicit positions under a seeded key is checked against the mask here, which draws it.
+    """
     return _encode_parts(obj)[0]
 
 
@@ -394,29 +424,35 @@ def _read_metadata(data: bytes) -> tuple[dict, dict[str, bytes]]:
 
 
 def _decode_entry(meta: dict, entry: dict, values_blob: bytes, positions_blob: bytes | None):
-    """One entry's tensor: a SparseTensor for a delta, a dense tensor for a replacement."""
+    """One entry's tensor: a SparseTensor for a delta, a dense tensor for a replacement.
+
+    A seeded entry becomes a SparseTensor with its SeededMask: nothing is drawn here.
+    """
     key, nnz, dtype = entry["key"], entry["nnz"], VALUE_DTYPES[entry["dtype"]]
-    numel, where = math.prod(entry["shape"]), f"tensor {key!r}"
+    shape, where = tuple(entry["shape"]), f"tensor {key!r}"
+    numel = math.prod(shape)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     raw = _decompress(values_blob, nnz * itemsize, f"{where} values")
     values = torch.from_numpy(_unshuffled(raw, itemsize)).view(dtype)
-    if not bool(torch.isfinite(values).all()):
-        raise PayloadError(f"{where}: values hold NaN or Inf")
-    if scaled_overflow(values, entry["scale"]):
-        raise PayloadError(f"{where}: values x scale {entry['scale']:.3g} do not fit float32")
-    if entry["group"] == "replace":
-        return values.reshape(entry["shape"])
-    indices = None
+    indices = mask = None
     if entry["positions"] == "seeded":
-        indices = _seeded_indices(meta, key, numel)
-        if indices.numel() != nnz:
-            raise PayloadError(f"{where}: the seeded mask keeps {indices.numel()} elements, nnz is {nnz}")
+        mask = _seeded_mask(meta, key)
     elif positions_blob is not None:
         gaps = entry["positions"] != "bitmap"
         size = nnz * np.dtype(_GAP_DTYPES[entry["positions"]]).itemsize if gaps else (numel + 7) // 8
         raw = _decompress(positions_blob, size, f"{where} positions")
         indices = torch.from_numpy(_decode_positions(entry, numel, raw, f"{where} positions"))
-    return SparseTensor(tuple(entry["shape"]), values, indices, scale=entry["scale"])
+    try:  # the SparseTensor reads the values once: float32 overflow here, NaN / Inf just below
+        tensor = SparseTensor(shape, values, indices, scale=entry["scale"], mask=mask)
+    except NonFiniteError:
+        raise PayloadError(f"{where}: values x scale {entry['scale']:.3g} do not fit float32") from None
+    except PayloadError:
+        raise
+    except FedSRDError as exc:
+        raise PayloadError(f"{where}: {exc}") from None
+    if not tensor.is_finite:
+        raise PayloadError(f"{where}: values hold NaN or Inf")
+    return values.reshape(shape) if entry["group"] == "replace" else tensor
 
 
 def broadcast_numel(state) -> int:
@@ -433,6 +469,7 @@ def decode(data: bytes, *, max_numel: int = MAX_NUMEL) -> SparseUpdate | Broadca
 
     ``max_numel`` caps the elements the payload may declare (all tensors together), which bounds
     the memory and time decoding may take; a server that knows its model passes the model's size.
+    Seeded positions are not drawn: their value count is checked by ``apply`` (SeededCountError).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"decode expects bytes, got {type(data).__name__}")

@@ -72,7 +72,7 @@ def _assert_compiled(result: subprocess.CompletedProcess, what: str) -> None:
 
 
 def test_sources_exist():
-    assert {p.name for p in CU_FILES} >= {"codec.cu", "topk_threshold.cu", "philox_check.cu"}
+    assert {p.name for p in CU_FILES} >= {"codec.cu"}
     assert (CSRC / "bindings.cpp").is_file()
     for src in CU_FILES:  # the .cu files must build with plain nvcc: torch stays in bindings.cpp
         includes = [line for line in src.read_text().splitlines() if line.startswith("#include")]
@@ -118,29 +118,6 @@ int main() {
         for (int j = 0; j < kCodecItems && first + j < numel; ++j) flags[first + j] = '0' + ((bits >> j) & 1);
       }
       std::printf("%s\n", flags.c_str());
-    } else if (cmd == "pack") {  // numel flags -> bitmap bytes
-      long long numel; std::string flags; std::cin >> numel >> flags;
-      std::vector<uint8_t> bitmap((numel + 7) / 8 + 2, 0xAB);  // 2 guard bytes must stay untouched
-      for (long long first = 0; first < numel; first += kCodecItems) {
-        uint32_t bits = 0;
-        for (int j = 0; j < kCodecItems && first + j < numel; ++j) bits |= uint32_t(flags[first + j] == '1') << j;
-        write_bitmap_run(bits, bitmap.data(), numel, first);
-      }
-      for (uint8_t b : bitmap) std::printf("%u ", b);
-      std::printf("\n");
-    } else if (cmd == "unpack") {  // numel nbytes bytes... -> flags and the padding bits seen
-      long long numel, nbytes; std::cin >> numel >> nbytes;
-      std::vector<uint8_t> bitmap(nbytes);
-      for (auto& b : bitmap) { unsigned v; std::cin >> v; b = uint8_t(v); }
-      std::string flags(numel, '0');
-      uint32_t padding_seen = 0;
-      for (long long first = 0; first < numel; first += kCodecItems) {
-        uint32_t padding = 0;
-        uint32_t bits = bitmap_run_bits(bitmap.data(), numel, first, &padding);
-        padding_seen |= padding;
-        for (int j = 0; j < kCodecItems && first + j < numel; ++j) flags[first + j] = '0' + ((bits >> j) & 1);
-      }
-      std::printf("%s %u\n", numel ? flags.c_str() : "-", padding_seen);
     } else if (cmd == "tile") {  // num_tensors tile_first[0..num_tensors] -> owner of every tile
       long long num_tensors; std::cin >> num_tensors;
       std::vector<int64_t> tile_first(num_tensors + 1);
@@ -199,29 +176,6 @@ def test_host_seeded_runs_match_seeded_keep_mask(driver):
     lines = _run(driver, [f"seeded {key} {drop_threshold(drop)} {n}" for key, drop, n in cases])
     for (key, drop, n), line in zip(cases, lines, strict=True):
         assert line == _flags(seeded_keep_mask(n, key, drop).numpy()), (key, drop, n)
-
-
-@needs_nvcc
-def test_host_bitmap_runs_match_packbits(driver):
-    rng = np.random.default_rng(2)
-    masks = [rng.random(n) < density for n in SIZES for density in (0.0, 0.05, 0.5, 1.0)]
-    lines = _run(driver, [f"pack {m.size} {_flags(m)}" for m in masks])
-    for mask, line in zip(masks, lines, strict=True):
-        got = np.array([int(b) for b in line.split()], dtype=np.uint8)
-        assert np.array_equal(got[:-2], np.packbits(mask)), mask.size
-        assert list(got[-2:]) == [0xAB, 0xAB], "wrote past the tensor's bitmap"
-    lines = _run(driver, [f"unpack {m.size} {(m.size + 7) // 8} " + " ".join(map(str, np.packbits(m))) for m in masks])
-    for mask, line in zip(masks, lines, strict=True):
-        assert line == f"{_flags(mask)} 0"
-
-
-@needs_nvcc
-def test_host_bitmap_padding_bits_are_reported(driver):
-    # 9 elements: byte 1 holds element 8 at bit 7; bits 6..0 are padding.
-    lines = _run(driver, ["unpack 9 2 255 128", "unpack 9 2 255 129", "unpack 9 2 0 1"])
-    assert lines[0] == "111111111 0"
-    assert lines[1].startswith("111111111 ") and lines[1].split()[1] != "0"
-    assert lines[2].startswith("000000000 ") and lines[2].split()[1] != "0"
 
 
 @needs_nvcc
@@ -300,19 +254,8 @@ def test_cuda_ops_fail_cleanly_without_the_extension():
     if cuda_extension_available():
         pytest.skip("the extension is loaded here")
     with pytest.raises(ConfigError, match="not loaded"):
-        cuda_ops.topk_thresholds(torch.ones(4), [0, 4], [2])
+        cuda_ops.dare_compact_cuda(torch.ones(4), [0, 4], [7], 0.5)
     # The schemas are declared whether or not the kernels are.
-    assert "fedsrd::bitmap_compact" in str(torch.ops.fedsrd.bitmap_compact.default._schema)
-
-
-def test_keep_mask_from_thresholds_reference():
-    """The torch helper that turns (threshold, ties) into the encoder's mask: exact k per segment."""
-    from fedsrd_kernels.kernels.cuda_ops import keep_mask_from_thresholds
-
-    scores = torch.tensor([3.0, 1.0, 1.0, 2.0, 1.0, -0.0, 0.0, 5.0, 0.0, 0.0])
-    offsets = [0, 5, 5, 7, 10]
-    threshold = torch.tensor([1.0, float("nan"), 0.0, 0.0])
-    threshold[1] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
-    ties = torch.tensor([1, 0, 1, 1])
-    mask = keep_mask_from_thresholds(scores, offsets, threshold, ties)
-    assert mask.tolist() == [True, True, False, True, False, True, False, True, True, False]
+    assert "fedsrd::seeded_count" in str(torch.ops.fedsrd.seeded_count.default._schema)
+    assert not hasattr(torch.ops.fedsrd, "bitmap_compact")  # deleted with its kernels (no production use)
+    assert not hasattr(torch.ops.fedsrd, "segmented_topk_threshold")  # deleted: sparsify selects in Triton

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from fedsrd_kernels.errors import ConfigError, ShapeMismatchError  # noqa: E402
+from fedsrd_kernels.errors import ConfigError, SeededCountError, ShapeMismatchError  # noqa: E402
 from fedsrd_kernels.kernels.download_triton import (  # noqa: E402
     dare_compact_grouped_triton,
     dare_compact_triton,
@@ -167,6 +169,30 @@ def test_wrong_number_of_values_raises():
     kept = seeded_keep_indices(100, seed=1, round=1, name="w", drop=0.5).numel()
     with pytest.raises(ShapeMismatchError, match=f"keep {kept} elements"):
         seeded_expand_add_triton(factor, torch.zeros(kept + 1, device=kernel_device()), mask_key(1, 1, "w"), 0.5, 2.0)
+
+
+def test_grouped_expand_add_names_the_tensor_whose_count_is_wrong():
+    """Counts off in opposite directions keep the total right: only the per-tensor check catches them."""
+    names = [f"layers.{i}.lora_B.weight" for i in range(len(GROUP_SHAPES))]
+    offsets = [0]
+    for shape in GROUP_SHAPES:
+        offsets.append(offsets[-1] + math.prod(shape))
+    keys = [mask_key(SEED, ROUND, n) for n in names]
+    counts = [seeded_keep_indices(b - a, seed=SEED, round=ROUND, name=n, drop=0.5).numel()
+              for n, a, b in zip(names, offsets, offsets[1:])]
+    factor = torch.zeros(offsets[-1], device=kernel_device())
+    values = torch.zeros(sum(counts), device=kernel_device())
+    scales = [2.0] * len(names)
+    out = seeded_expand_add_grouped_triton(factor, offsets, values, keys, 0.5, scales, counts=counts, names=names)
+    assert_bitwise_equal(out, factor)
+    wrong = list(counts)
+    wrong[0], wrong[3] = wrong[0] + 1, wrong[3] - 1
+    with pytest.raises(SeededCountError, match=f"{names[0]!r}: its seeded mask keeps {counts[0]} of"):
+        seeded_expand_add_grouped_triton(factor, offsets, values, keys, 0.5, scales, counts=wrong, names=names)
+    with pytest.raises(SeededCountError, match="#0"):
+        seeded_expand_add_grouped_triton(factor, offsets, values, keys, 0.5, scales, counts=wrong)
+    with pytest.raises(ShapeMismatchError, match="counts"):
+        seeded_expand_add_grouped_triton(factor, offsets, values, keys, 0.5, scales, counts=counts[1:])
 
 
 @pytest.mark.parametrize(

@@ -383,3 +383,133 @@ def test_factor_keys_is_the_set_of_lora_a_and_b_keys():
     assert len(want) == 4
     assert layout.factor_keys() == want == factor_keys(layout.pairs)
     assert want.isdisjoint(layout.other_keys) and want | set(layout.other_keys) == set(g)
+
+
+# -- grouped download and apply (one launch per broadcast), and the one finiteness check ----------
+
+ODD_PAIRS = [(1, 1), (33, 17), (4097, 1), (5, 1023), (7, 3)]  # blocks of 4096 cut everywhere
+
+
+def _odd_deltas(round_, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(round_)
+    shapes = {f"base_model.model.layers.{i}.mlp.proj.lora_{'B' if round_ % 2 else 'A'}.weight":
+              (d_out, 3) if round_ % 2 else (3, d_in) for i, (d_out, d_in) in enumerate(ODD_PAIRS)}
+    return {key: torch.randn(shape, generator=gen, dtype=dtype) * 1e-2 for key, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("source_dtype", [torch.float64, torch.float32])
+def test_grouped_download_matches_per_key_and_torch(value_dtype, source_dtype):
+    pytest.importorskip("triton")
+    deltas = _odd_deltas(3, source_dtype)
+    reference = fk.Aggregator("fedsrd", seed=11, value_dtype=value_dtype, backend="torch")._downloads(deltas, 3)
+    triton_agg = fk.Aggregator("fedsrd", seed=11, value_dtype=value_dtype, backend="triton")
+    grouped = triton_agg._downloads(deltas, 3)
+    per_key = {key: triton_agg._download(key, delta, 3) for key, delta in deltas.items()}
+    assert list(grouped) == list(reference) == list(deltas)
+    for key, want in reference.items():
+        for got in (grouped[key], per_key[key]):
+            assert got.mask == want.mask and got.scale == want.scale and got.shape == want.shape
+            assert torch.equal(got.values.view(torch.uint8), want.values.view(torch.uint8)), key
+        assert want.nnz == seeded_keep_indices(want.numel, seed=11, round=3, name=key, drop=0.8).numel()
+
+
+def _odd_state(factor_dtypes=(torch.float32,)):
+    gen = torch.Generator().manual_seed(77)
+    g = lora_state(ODD_PAIRS, 3, gen=gen)
+    keys = sorted(k for k in g if "lora_" in k)
+    return {k: v.to(factor_dtypes[keys.index(k) % len(factor_dtypes)]) if k in keys else v for k, v in g.items()}
+
+
+@pytest.mark.parametrize("factor_dtypes", [(torch.float32,), (torch.bfloat16,), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16"])
+def test_grouped_apply_matches_per_key_and_torch(factor_dtypes, value_dtype):
+    pytest.importorskip("triton")
+    g = _odd_state(factor_dtypes)
+    for round_ in (1, 2):
+        deltas = _odd_deltas(round_)
+        agg = fk.Aggregator("fedsrd", seed=3, value_dtype=value_dtype)
+        broadcast = fk.decode(fk.encode(fk.Broadcast(round_, "fedsrd", 3, 0.8, agg._downloads(deltas, round_),
+                                                     seeded=frozenset(deltas))))
+        want = fk.apply(g, broadcast, backend="torch")
+        grouped = fk.apply(g, broadcast, backend="triton")
+        per_key = dict(g)
+        for key in deltas:  # one key per broadcast: the single-tensor launches
+            one = fk.Broadcast(round_, "fedsrd", 3, 0.8, {key: broadcast.deltas[key]}, seeded=frozenset({key}))
+            per_key[key] = fk.apply(g, one, backend="triton")[key]
+        for key in g:
+            for got in (grouped[key], per_key[key]):
+                assert got.dtype == g[key].dtype and got.shape == g[key].shape
+                assert torch.equal(got.view(torch.uint8), want[key].view(torch.uint8)), key
+
+
+def test_download_and_apply_launch_once_per_broadcast(monkeypatch):
+    """One grouped compaction per aggregate and one grouped expand-add per apply (per dtype), never one per key."""
+    pytest.importorskip("triton")
+    from fedsrd_kernels.kernels import download_triton as dt
+
+    calls = {"compact": 0, "expand": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def single(*args, **kwargs):
+        raise AssertionError("a single-tensor launch")
+
+    monkeypatch.setattr(dt, "dare_compact_grouped_triton", counting("compact", dt.dare_compact_grouped_triton))
+    monkeypatch.setattr(dt, "seeded_expand_add_grouped_triton", counting("expand", dt.seeded_expand_add_grouped_triton))
+    monkeypatch.setattr(dt, "dare_compact_triton", single)
+    monkeypatch.setattr(dt, "seeded_expand_add_triton", single)
+    g = _odd_state()
+    ups = [fk.sparsify(c, g) for c in clients(g, 2, seed=78)]
+    broadcast = fk.Aggregator("fedsrd", backend="triton").aggregate(g, ups, round=1)
+    assert len(broadcast.seeded) == len(ODD_PAIRS) and calls == {"compact": 1, "expand": 0}
+    fk.apply(g, fk.decode(fk.encode(broadcast)), backend="triton")
+    assert calls == {"compact": 1, "expand": 1}
+    fk.apply(_odd_state((torch.float32, torch.bfloat16)), dataclasses.replace(broadcast, base=None), backend="triton")
+    assert calls == {"compact": 1, "expand": 3}  # one group per factor dtype
+
+
+def test_a_seeded_delta_must_carry_its_broadcasts_mask():
+    from fedsrd_kernels.updates import SeededMask
+
+    g = _odd_state()
+    ups = [fk.sparsify(c, g) for c in clients(g, 2, seed=79)]
+    broadcast = fk.Aggregator("fedsrd", seed=4).aggregate(g, ups, round=1)
+    key = sorted(broadcast.seeded)[0]
+    sparse = broadcast.deltas[key]
+    other = fk.SparseTensor(sparse.shape, sparse.values, scale=sparse.scale, mask=SeededMask(5, 1, key, 0.8))
+    for bad in (dataclasses.replace(broadcast, deltas={**broadcast.deltas, key: other}),
+                dataclasses.replace(broadcast, seeded=broadcast.seeded - {key})):
+        with pytest.raises(fk.StateError, match="not one of this broadcast's seeded"):
+            fk.apply(g, bad)
+
+
+def test_update_values_are_scanned_once(monkeypatch):
+    """NaN/Inf: the SparseTensor reads its values once, when built; decode, screen's check_update and
+    aggregate's check_update read that verdict instead of scanning the values again."""
+    g = _odd_state()
+    agg = fk.Aggregator("fedsrd")
+    ups = [fk.sparsify(c, g, num_samples=5, round=1) for c in clients(g, 2, seed=80)]
+    payloads = [fk.encode(u) for u in ups]
+    scanned = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: scanned.append(t) or real(t))
+    decoded = [fk.decode(p) for p in payloads]
+    assert scanned == []  # decode: no isfinite pass
+    accepted, rejected = fk.screen(agg, g, [fk.Submission(f"c{i}", u) for i, u in enumerate(decoded)], round=1)
+    assert not rejected and len(accepted) == 2
+    agg.aggregate(g, [u for _, u, _ in accepted], round=1)
+    values = {t.data_ptr() for u in decoded for t in (s.values for s in u.deltas.values())}
+    assert not any(t.data_ptr() in values for t in scanned)
+    # ... and the verdict still refuses what it must, naming the key
+    key = next(iter(ups[0].deltas))
+    bad = ups[0].deltas[key].values.clone()
+    bad[0] = float("inf")
+    nan_update = fk.SparseUpdate({key: fk.SparseTensor(ups[0].deltas[key].shape, bad, ups[0].deltas[key].indices,
+                                                       ups[0].deltas[key].scale)})
+    with pytest.raises(fk.NonFiniteError, match=re.escape(repr(key))):
+        agg.aggregate(g, [nan_update], round=1)

@@ -535,3 +535,132 @@ def test_zstd_bombs_and_malformed_frames(kind):
         }[kind]()
     with pytest.raises(PayloadError, match="'a.lora_A.weight' values"):
         decode(edited(sample_update, edit))
+
+
+# -- seeded positions are lazy: decode draws no mask ----------------------------------------------
+
+
+def _llama_like_broadcast(drop=0.8):
+    """An Aggregator broadcast on odd shapes, with the state it applies to."""
+    import fedsrd_kernels as fk
+    from tests.helpers import lora_state, perturbed
+
+    gen = torch.Generator().manual_seed(41)
+    g = lora_state([(33, 17), (8, 40), (4097, 3)], 3, gen=gen)
+    ups = [fk.sparsify(perturbed(g, 0.05, gen=gen), g) for _ in range(2)]
+    return g, fk.Aggregator("fedsrd", download_drop=drop, seed=5).aggregate(g, ups, round=3)
+
+
+def test_encode_and_decode_draw_no_seeded_mask(monkeypatch):
+    """The issue's four draws per round were: server, encode (a check), decode, apply. Only the server's
+    compaction and apply draw now: with the Philox rounds made to fail, a broadcast still encodes and decodes."""
+    from fedsrd_kernels.kernels import philox
+    from fedsrd_kernels.updates import SeededMask
+
+    g, broadcast = _llama_like_broadcast()
+    seeded = [key for key, sparse in broadcast.deltas.items() if sparse.is_seeded]
+    assert seeded and set(seeded) == broadcast.seeded
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("the seeded mask was drawn")
+
+    monkeypatch.setattr(philox, "_philox_rounds", no_draw)
+    decoded = decode(encode(broadcast))
+    for key in seeded:
+        sparse = decoded.deltas[key]
+        assert sparse.is_seeded and not sparse.is_dense and sparse.mask == SeededMask(5, 3, key, 0.8)
+        assert_same_tensor(sparse.values, broadcast.deltas[key].values)
+    with pytest.raises(AssertionError, match="drawn"):
+        decoded.deltas[seeded[0]].indices  # noqa: B018  (positions are drawn on first use)
+    monkeypatch.undo()
+    for key in seeded:  # once drawn, they are the mask's
+        want = seeded_keep_indices(decoded.deltas[key].numel, seed=5, round=3, name=key, drop=0.8)
+        assert torch.equal(decoded.deltas[key].indices, want)
+        assert decoded.deltas[key].indices is decoded.deltas[key].indices  # drawn once, kept
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_forged_seeded_count_decodes_and_apply_refuses_it(backend):
+    """nnz and the values blob both lowered by one: decode cannot tell without drawing the mask, so apply
+    does, on the device it applies on, naming the key; the error is a PayloadError and a ShapeMismatchError."""
+    import fedsrd_kernels as fk
+    from fedsrd_kernels.errors import SeededCountError, ShapeMismatchError
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g, broadcast = _llama_like_broadcast()
+    meta, blobs = split(encode(broadcast))
+    i, entry = next((i, e) for i, e in enumerate(meta["tensors"]) if e["positions"] == "seeded")
+    entry["nnz"] -= 1
+    values = broadcast.deltas[entry["key"]].values.numpy()[:-1]
+    blobs[f"{i}.values"] = zstd_frame(values.view(np.uint8).reshape(-1, 4).T)
+    forged = decode(build(meta, blobs))
+    assert forged.deltas[entry["key"]].nnz == entry["nnz"]
+    before = {k: v.clone() for k, v in g.items()}
+    for error in (SeededCountError, PayloadError, ShapeMismatchError):
+        with pytest.raises(error, match=f"{entry['key']!r}.*keeps"):
+            fk.apply(g, forged, backend=backend)
+    with pytest.raises(SeededCountError, match="keeps"):
+        forged.deltas[entry["key"]].to_dense()
+    assert all(torch.equal(g[k], before[k]) for k in g)
+    fk.apply(g, decode(encode(broadcast)), backend=backend)  # the honest one applies
+
+
+def test_a_seeded_count_is_checked_at_decode_where_it_is_cheap():
+    """At drop rate 0 the mask keeps every element, and no seeded mask keeps more than numel: no draw needed."""
+    from fedsrd_kernels.errors import SeededCountError
+    from fedsrd_kernels.updates import SeededMask
+
+    key = "p.lora_B.weight"
+    full = Broadcast(2, "fedsrd", 1, 0.0, {key: SparseTensor((6, 4), torch.ones(24), mask=SeededMask(1, 2, key, 0.0))},
+                     seeded=frozenset({key}))
+    assert torch.equal(decode(encode(full)).deltas[key].to_dense(), torch.ones(6, 4))
+
+    def fewer(meta, blobs):
+        meta["tensors"][0]["nnz"] = 23
+        blobs["0.values"] = zstd_frame(np.ones(23, "<f4").view(np.uint8).reshape(-1, 4).T)
+
+    meta, blobs = split(encode(full))
+    fewer(meta, blobs)
+    with pytest.raises(SeededCountError, match=f"{key!r}: 23 values for a seeded mask over 24 elements"):
+        decode(build(meta, blobs))
+    with pytest.raises(SeededCountError, match="25 values"):
+        SparseTensor((6, 4), torch.ones(25), mask=SeededMask(1, 2, key, 0.8))
+
+
+def test_encode_refuses_seeded_masks_that_are_not_the_broadcasts():
+    from fedsrd_kernels.updates import SeededMask
+
+    key = "p.lora_B.weight"
+    mask = SeededMask(1, 2, key, 0.8)
+    kept = mask.keep_indices(24).numel()
+    sparse = SparseTensor((6, 4), torch.ones(kept), scale=5.0, mask=mask)
+    encode(Broadcast(2, "fedsrd", 1, 0.8, {key: sparse}, seeded=frozenset({key})))  # the broadcast's own mask
+    for bad, match in (
+        (Broadcast(2, "fedsrd", 9, 0.8, {key: sparse}, seeded=frozenset({key})), "not this broadcast's"),
+        (Broadcast(3, "fedsrd", 1, 0.8, {key: sparse}, seeded=frozenset({key})), "not this broadcast's"),
+        (Broadcast(2, "fedsrd", 1, 0.5, {key: sparse}, seeded=frozenset({key})), "not this broadcast's"),
+        (Broadcast(2, "fedsrd", 1, 0.8, {key: sparse}), "seeded mask"),
+        (SparseUpdate({key: sparse}), "seeded mask"),
+    ):
+        with pytest.raises(StateError, match=match):
+            encode(bad)
+    with pytest.raises(StateError, match="not both"):
+        SparseTensor((6, 4), torch.ones(kept), mask.keep_indices(24), mask=mask)
+    with pytest.raises(StateError, match="SeededMask"):
+        SeededMask(1, 2, key, 1.0)
+
+
+def test_a_seeded_tensor_densifies_like_its_explicit_twin():
+    from fedsrd_kernels.updates import SeededMask
+
+    mask = SeededMask(7, 1, "w", 0.7)
+    values = make_values(mask.keep_indices(4999).numel(), torch.bfloat16, 9, 1 / 0.3)
+    lazy = SparseTensor((4999,), values, scale=1 / 0.3, mask=mask)
+    twin = SparseTensor((4999,), values, mask.keep_indices(4999), scale=1 / 0.3)
+    assert_same_tensor(lazy.to_dense(), twin.to_dense())
+    assert lazy.nnz == twin.nnz and not lazy.is_dense and lazy.is_seeded and not twin.is_seeded
+    assert_same_tensor(lazy.with_values(values.float()).to_dense(), twin.to_dense())
+    assert "positions=seeded" in repr(lazy)
+    with pytest.raises(AttributeError):
+        lazy.scale = 2.0

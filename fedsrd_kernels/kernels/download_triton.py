@@ -10,7 +10,9 @@ buffer, with an offsets table (tensor ``t`` is ``flat[offsets[t]:offsets[t+1]]``
 and one Philox key per tensor. A block of ``4 * COUNTERS`` elements never
 straddles two tensors (the Philox counter restarts at 0 in each), so a host
 built block table (block -> tensor, first element in that tensor) replaces any
-search in the kernel. The single-tensor functions are the groups of one.
+search in the kernel. The single-tensor functions are the groups of one;
+``Aggregator`` (its download) and ``server.apply`` call the grouped ones once per
+broadcast (per device and dtype), not once per key.
 
 Two passes, because an element's place in the compacted output depends on how
 many elements before it are kept:
@@ -51,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ..config import FACTOR_DTYPES, MAX_NUMEL, VALUE_DTYPES, check_value_dtype
-from ..errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, SeededCountError, ShapeMismatchError
 from .philox import drop_threshold
 
 __all__ = [
@@ -334,6 +336,9 @@ def seeded_expand_add_grouped_triton(
     keys: Sequence[int],
     drop: float,
     scales: Sequence[float],
+    *,
+    counts: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """``flat_factor + expand(values) * scales`` for many tensors in one launch; a new flat buffer.
 
@@ -342,6 +347,10 @@ def seeded_expand_add_grouped_triton(
     values in that order (what the compaction returns, cast to any float
     dtype), tensor ``t``'s i-th value going to its i-th kept position under key
     ``keys[t]``, multiplied by ``scales[t]`` rounded to float32.
+
+    ``counts`` (values per tensor, optional) are checked against what each mask
+    keeps, from the counting pass the launch needs anyway; SeededCountError names
+    the tensor (``names[t]``, else its index). Without them only the total is checked.
     """
     what = "seeded_expand_add_grouped_triton"
     if flat_factor.dim() != 1 or flat_factor.dtype not in FACTOR_DTYPES:
@@ -356,15 +365,24 @@ def seeded_expand_add_grouped_triton(
     offsets = _check_offsets(offsets, flat_factor.numel(), what)
     if len(scales) != len(offsets) - 1:
         raise ShapeMismatchError(f"{what}: {len(scales)} scales for {len(offsets) - 1} tensors")
+    for given, name in ((counts, "counts"), (names, "names")):
+        if given is not None and len(given) != len(offsets) - 1:
+            raise ShapeMismatchError(f"{what}: {len(given)} {name} for {len(offsets) - 1} tensors")
     if not all(isinstance(s, numbers.Real) and math.isfinite(s) for s in scales):
         raise ConfigError(f"{what}: scales must be finite numbers, got {list(scales)}")
     flat_factor, values = flat_factor.contiguous(), values.contiguous()
     plan = _Plan(offsets, keys, flat_factor.device, what)
     scales_dev = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=flat_factor.device)
     block_slot, kept = plan.slots(threshold)
-    total = int(kept.sum())  # the one host sync: a wrong count would read past the values
+    kept_counts = kept.tolist()  # the one host sync: a wrong count would read past the values
+    for t, (mask_count, given) in enumerate(zip(kept_counts, counts if counts is not None else ())):
+        if mask_count != given:
+            name = repr(names[t]) if names is not None else f"#{t}"
+            raise SeededCountError(f"tensor {name}: its seeded mask keeps {mask_count} of "
+                                   f"{offsets[t + 1] - offsets[t]} elements, but it carries {given} values")
+    total = sum(kept_counts)
     if total != values.numel():
-        raise ShapeMismatchError(f"{what}: the masks keep {total} elements, got {values.numel()} values")
+        raise SeededCountError(f"{what}: the masks keep {total} elements, got {values.numel()} values")
     out = torch.empty_like(flat_factor)
     if plan.num_blocks:
         _expand_add_kernel[(plan.num_blocks,)](
