@@ -23,6 +23,7 @@ from .errors import (
     MissingExtraError,
     NonFiniteError,
     PayloadError,
+    SeededCountError,
     ShapeMismatchError,
     StateError,
 )
@@ -31,7 +32,7 @@ from .kernels._backend import backend_info
 from .kernels.scoring import importance, keep_count, kurtosis_ratio, pearson_kurtosis
 from .lora import LoraLayout, LoraPair, lora_layout, state_digest
 from .server import AggregationReport, Aggregator, apply
-from .updates import Broadcast, SparseTensor, SparseUpdate
+from .updates import Broadcast, SeededMask, SparseTensor, SparseUpdate
 from .wire import CommCost, comm_cost, decode, encode
 
 __version__ = "0.1.0"
@@ -53,6 +54,8 @@ __all__ = [
     "MethodSpec",
     "NonFiniteError",
     "PayloadError",
+    "SeededCountError",
+    "SeededMask",
     "RoundOutcome",
     "ShapeMismatchError",
     "SparseTensor",
