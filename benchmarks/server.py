@@ -30,7 +30,7 @@ from plain import plain_server_pair  # noqa: E402
 
 import fedsrd_kernels as fk  # noqa: E402
 from fedsrd_kernels import oracle  # noqa: E402
-from fedsrd_kernels.decompose import scheduled_factor  # noqa: E402
+from fedsrd_kernels.server.decompose import scheduled_factor  # noqa: E402
 
 
 def model_shapes(full: bool) -> tuple[list[tuple[str, int, int]], int]:

@@ -22,7 +22,7 @@ RESCALE_SPACES: tuple[str, ...] = ("params", "dw")
 # The dtype of the server's factor math (reconstruction, decompose, the streaming
 # sketches, upload diagnostics). W_r - B A (and R - T in diagnostics) subtracts two
 # nearly equal matrices: a float32 path loses ~1e-3 relative accuracy there, float64
-# keeps ~1e-12 (see kernels/factored.py). On the factors the float64 working set is
+# keeps ~1e-12 (see server/factored.py). On the factors the float64 working set is
 # O(m (d_out + d_in) r), so the precision is cheap.
 WORK_DTYPE = torch.float64
 

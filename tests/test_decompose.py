@@ -6,7 +6,7 @@ import torch
 
 import fedsrd_kernels as fk
 from fedsrd_kernels import oracle
-from fedsrd_kernels.kernels.factored import gram_pinv, svqb
+from fedsrd_kernels.server.factored import gram_pinv, svqb
 from tests.helpers import lora_state, perturbed, rel_err
 
 FEDSRD_PATHS = ["exact", "randomized", "reference"]

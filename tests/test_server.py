@@ -9,8 +9,8 @@ import torch
 
 import fedsrd_kernels as fk
 from fedsrd_kernels import oracle
-from fedsrd_kernels.decompose import PATHS, truncation_rank
-from fedsrd_kernels.kernels.decompose import project_delta, stack_factors, truncated_factors
+from fedsrd_kernels.server.decompose import PATHS, truncation_rank
+from fedsrd_kernels.server.linalg import project_delta, stack_factors, truncated_factors
 from fedsrd_kernels.kernels.philox import seeded_keep_indices
 from fedsrd_kernels.lora import factor_keys
 from tests.helpers import assert_unchanged, lora_state, perturbed, rel_err, snapshot

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import WORK_DTYPE
+from ..config import WORK_DTYPE
+from ..errors import AggregationError, ConfigError
+from ..kernels.reconstruct import scatter_delta
+from ..lora import LoraPair, StateDict, factor_keys, state_digest
+from ..updates import Broadcast, SparseTensor, SparseUpdate
 from .decompose import plan_moves, projection_rtols, range_generator, scheduled_factor, truncation_rank
-from .errors import AggregationError, ConfigError
-from .kernels.factored import gram_pinv, mT, project_core, svqb, truncate_core
-from .kernels.reconstruct import scatter_delta
-from .lora import LoraPair, StateDict, factor_keys, state_digest
-from .server import AggregationReport, check_finite_changes, check_weight
-from .updates import Broadcast, SparseTensor, SparseUpdate
+from .factored import gram_pinv, mT, project_core, svqb, truncate_core
+from .robust import check_weight
+from .rounds import AggregationReport
 
 
 @dataclass
@@ -176,16 +177,13 @@ class RoundStream:
         factor_deltas: dict[str, torch.Tensor] = {}
         for group in self._groups:
             self._finish_group(group, factor_deltas, report)
-        deltas = agg._downloads(factor_deltas, self._round)
-        seeded = set(deltas) if agg.download_drop > 0 else set()
+        others = {}
         for key in sorted(self._other_touched):
             mean = (self._other[key] / self._total_weight).to(torch.float32)
-            deltas[key] = SparseTensor(tuple(mean.shape), mean.flatten())
-        check_finite_changes(deltas, {}, "the streamed aggregate")
-        agg.last_report = report
-        return Broadcast(round=self._round, method=agg.method, seed=agg.seed, download_drop=agg.download_drop,
-                         deltas=deltas, moved=dict(report.moved), seeded=frozenset(seeded),
-                         base=state_digest(self._global) if self._base is None else self._base)
+            others[key] = SparseTensor(tuple(mean.shape), mean.flatten())
+        return agg.finish_round(self._round, factor_deltas, others, {}, report,
+                                state_digest(self._global) if self._base is None else self._base,
+                                "the streamed aggregate")
 
     def _finish_group(self, group: _Group, out: dict[str, torch.Tensor], report) -> None:
         s = self._total_weight

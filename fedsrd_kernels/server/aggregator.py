@@ -1,62 +1,37 @@
-"""Server side: reconstruct, aggregate and decompose (spec sections 2-3), and
-``apply``, which server and clients both run on a Broadcast.
-"""
+"""The Aggregator: reconstruct, aggregate and decompose client updates into a Broadcast
+(sections 2-3 of docs/method.md)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import numbers
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
-from .baselines import METHODS, MethodSpec, fedavg_pair, flexlora_pair
-from .config import FACTOR_DTYPES, SparsifyConfig, check_probability, check_value_dtype
-from .decompose import DecomposeOptions, check_options, decompose, scheduled_factor, truncation_rank
-from .errors import (
+from ..baselines import METHODS, MethodSpec
+from ..config import SparsifyConfig, check_probability, check_value_dtype
+from ..errors import (
     AggregationError,
-    BaseMismatchError,
     ConfigError,
     KeyMismatchError,
     NonFiniteError,
     ShapeMismatchError,
     StateError,
 )
-from .kernels._backend import check_backend_name, resolve_backend
-from .kernels.decompose import weighted_mean
-from .lora import LORA_A_SUFFIX, LoraPair, StateDict, check_state, factor_keys, factor_of, state_digest
-from .updates import FLOAT32_MAX, Broadcast, SeededMask, SparseTensor, SparseUpdate
+from ..kernels._backend import resolve_backend
+from ..lora import LoraPair, StateDict, check_state, factor_keys, factor_of, state_digest
+from ..updates import FLOAT32_MAX, Broadcast, SeededMask, SparseTensor, SparseUpdate
+from .averaging import fedavg_pair, flexlora_pair
+from .decompose import DecomposeOptions, check_options, decompose, truncation_rank
+from .linalg import weighted_mean
+from .robust import bound_norms, normalised_weights
+from .rounds import AggregationReport, check_finite_changes
+from .streaming import RoundStream
 
 logger = logging.getLogger(__name__)
 
 WEIGHTINGS = ("samples", "equal")
-
-
-@dataclass(frozen=True)
-class AggregationReport:
-    """What the last aggregate() did, per LoRA prefix.
-
-    moved: the factor(s) changed. scheduled: the factor the round's parity asked
-    for (FedSRD). notes: why a pair deviated (a rank-deficient projection).
-    paths: the decompose path each FedSRD pair took; residuals: the randomized
-    path's estimated relative range-finder residual. update_norms: each update's
-    ||B_i A_i - B A||_F over the whole adapter, and clip_factors the multiplier
-    norm bounding gave it (both empty when norm bounding is off).
-    """
-
-    round: int
-    method: str
-    num_updates: int
-    moved: dict[str, str] = field(default_factory=dict)
-    scheduled: dict[str, str] = field(default_factory=dict)
-    notes: dict[str, str] = field(default_factory=dict)
-    paths: dict[str, str] = field(default_factory=dict)
-    residuals: dict[str, float] = field(default_factory=dict)
-    update_norms: tuple[float, ...] = ()
-    clip_factors: tuple[float, ...] = ()
 
 
 class Aggregator:
@@ -82,7 +57,7 @@ class Aggregator:
                    stably as FedAvg. The weak directions are picked up when the other
                    factor moves next round.
     path:          FedSRD decompose path: "auto", "exact", "randomized", "delta" (FedSRD-e)
-                   or "reference" (see fedsrd_kernels.decompose); the chosen one is reported.
+                   or "reference" (see fedsrd_kernels.server.decompose); the chosen one is reported.
     oversample, power_iters: the randomized path's extra columns and W W^T rounds.
     memory_budget: bytes of float64 working set per batched decompose call.
                    The baselines ignore path, oversample, power_iters, memory_budget and
@@ -240,7 +215,6 @@ class Aggregator:
         averaged) raises NonFiniteError naming the key. Nothing passed in is modified.
         """
         pairs, p = self._check_inputs(global_state, updates, weights, round)
-        deltas: dict[str, SparseTensor] = {}
         replace: dict[str, torch.Tensor] = {}
         num_updates, norms, clip = len(updates), (), ()
         if self.norm_bound is not None:
@@ -282,34 +256,34 @@ class Aggregator:
             for factor, delta in moved.items():
                 key = pair.a_key if factor == "A" else pair.b_key
                 factor_deltas[key] = delta
-        deltas.update(self._downloads(factor_deltas, round))
-        seeded = set(deltas) if self.download_drop > 0 else set()  # every factor delta went through DARE
+        others: dict[str, SparseTensor] = {}
         pair_keys = factor_keys(pairs)
         for key in sorted(global_state):
             if key in pair_keys:
                 continue
-            others = [u.deltas[key].to_dense() if key in u.deltas else None for u in updates]
-            if any(d is not None for d in others):
-                mean = weighted_mean(others, p, tuple(global_state[key].shape))
-                deltas[key] = SparseTensor(mean.shape, mean.flatten().to(torch.float32))
-        check_finite_changes(deltas, replace, "the aggregate")
+            other = [u.deltas[key].to_dense() if key in u.deltas else None for u in updates]
+            if any(d is not None for d in other):
+                mean = weighted_mean(other, p, tuple(global_state[key].shape))
+                others[key] = SparseTensor(mean.shape, mean.flatten().to(torch.float32))
+        return self.finish_round(round, factor_deltas, others, replace, report,
+                                 state_digest(global_state) if base is None else base, "the aggregate")
+
+    def finish_round(self, round: int, factor_deltas: Mapping[str, torch.Tensor],
+                     other_deltas: Mapping[str, SparseTensor], replace: Mapping[str, torch.Tensor],
+                     report: AggregationReport, base: str, what: str) -> Broadcast:
+        """The one way a round ends, batch (``aggregate``) or streamed (``RoundStream.finish``): the seeded
+        download of the factor deltas, the other keys' means as they are, the float32 finiteness check
+        (NonFiniteError naming ``what`` and the key), ``report`` kept as ``last_report``, the Broadcast."""
+        deltas = self._downloads(factor_deltas, round)
+        seeded = frozenset(deltas) if self.download_drop > 0 else frozenset()  # every factor delta went through DARE
+        deltas.update(other_deltas)
+        check_finite_changes(deltas, replace, what)
         self.last_report = report
-        return Broadcast(
-            round=round,
-            method=self.method,
-            seed=self.seed,
-            download_drop=self.download_drop,
-            deltas=deltas,
-            replace=replace,
-            moved=dict(report.moved),
-            seeded=frozenset(seeded),
-            base=state_digest(global_state) if base is None else base,
-        )
+        return Broadcast(round=round, method=self.method, seed=self.seed, download_drop=self.download_drop,
+                         deltas=deltas, replace=dict(replace), moved=dict(report.moved), seeded=seeded, base=base)
 
     def stream(self, global_state: StateDict, round: int = 1, **options):
-        """A RoundStream that folds updates in one at a time (see fedsrd_kernels.streaming)."""
-        from .streaming import RoundStream
-
+        """A RoundStream that folds updates in one at a time (see fedsrd_kernels.server.streaming)."""
         return RoundStream(self, global_state, round, **options)
 
     def _download(self, key: str, delta: torch.Tensor, round: int) -> SparseTensor:
@@ -354,11 +328,11 @@ class Aggregator:
             flat = flats[members[0]] if len(members) == 1 else torch.cat([flats[k] for k in members])
             bits = [SeededMask(self.seed, round, key, drop).philox_key for key in members]
             if choice == "cuda":
-                from .kernels.cuda_ops import dare_compact_cuda
+                from ..kernels.cuda_ops import dare_compact_cuda
 
                 _, kept_values, value_offsets = dare_compact_cuda(flat, offsets, bits, drop, self.value_dtype)
             else:
-                from .kernels.download_triton import dare_compact_grouped_triton
+                from ..kernels.download_triton import dare_compact_grouped_triton
 
                 _, kept_values, value_offsets = dare_compact_grouped_triton(flat, offsets, bits, drop,
                                                                             self.value_dtype)
@@ -369,209 +343,3 @@ class Aggregator:
                                   mask=SeededMask(self.seed, round, key, drop)) for key in deltas}
 
 
-def reconstructed_norms(global_state: StateDict, updates: Sequence[SparseUpdate],
-                        pairs: Sequence[LoraPair]) -> torch.Tensor:
-    """||B_i A_i - B A||_F of each update over the whole adapter (float64), never forming d_out x d_in.
-
-    B_i A_i - B A = dB A + (B + dB) dA = U V with U = [dB, B + dB] (d_out x 2r) and
-    V = [A; dA] (2r x d_in), so ||U V||_F^2 = sum((U^T U) * (V V^T)): two 2r x 2r Grams
-    per pair and client, with no B A - B A cancellation. Other keys add ||delta||^2.
-    """
-    pair_keys = factor_keys(pairs)
-    squares = torch.zeros(len(updates), dtype=torch.float64)
-    for i, update in enumerate(updates):
-        for pair in pairs:
-            if pair.a_key not in update.deltas and pair.b_key not in update.deltas:
-                continue
-            b = global_state[pair.b_key].to(torch.float64)
-            a = global_state[pair.a_key].to(torch.float64)
-            d_b = update.deltas[pair.b_key].to_dense(torch.float64).to(b.device) if pair.b_key in update.deltas \
-                else torch.zeros_like(b)
-            d_a = update.deltas[pair.a_key].to_dense(torch.float64).to(a.device) if pair.a_key in update.deltas \
-                else torch.zeros_like(a)
-            u = torch.cat([d_b, b + d_b], dim=1)
-            v = torch.cat([a, d_a], dim=0)
-            squares[i] += float(((u.T @ u) * (v @ v.T)).sum())
-        for key, sparse in update.deltas.items():
-            if key not in pair_keys:
-                squares[i] += float(sparse.to_dense(torch.float64).square().sum())
-    return squares.clamp_min(0.0).sqrt()
-
-
-def bound_norms(global_state: StateDict, updates: list[SparseUpdate], pairs: Sequence[LoraPair], p: torch.Tensor,
-                norm_bound: float) -> tuple[list[SparseUpdate], torch.Tensor, tuple[float, ...], tuple[float, ...]]:
-    """Clip every update to norm_bound x the median norm, as weights (see Aggregator's norm_bound).
-
-    Returns the updates (plus a zero update carrying the weight clipping took away,
-    when any), their weights, the norms and the clip factors.
-    """
-    norms = reconstructed_norms(global_state, updates, pairs)
-    threshold = norm_bound * float(norms.quantile(0.5))
-    clip = torch.where(norms > threshold, threshold / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
-    clipped = p * clip
-    removed = 1.0 - float(clipped.sum())
-    if removed > 0.0:
-        updates = [*updates, SparseUpdate({})]
-        clipped = torch.cat([clipped, torch.tensor([removed], dtype=torch.float64)])
-    return updates, clipped, tuple(norms.tolist()), tuple(clip.tolist())
-
-
-def check_weight(value: object, where: str) -> float:
-    """The one rule for an aggregation weight (sample count): a real number, not a boolean, finite and > 0.
-
-    ``intake.screen``, ``RoundStream.add`` and ``normalised_weights`` all use it: a
-    weight of 0 would be a client that is sent the round but counts for nothing, so
-    it is refused where it enters rather than silently dropped.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise AggregationError(f"{where} must be a real number, got {value!r} ({type(value).__name__})")
-    try:
-        weight = float(value)
-    except OverflowError:  # an int past float64's range
-        raise AggregationError(f"{where} must be a finite float64 number > 0, got an int of "
-                               f"{len(str(abs(int(value))))} digits") from None
-    if not (math.isfinite(weight) and weight > 0):
-        raise AggregationError(f"{where} must be a finite number > 0, got {value!r}")
-    return weight
-
-
-def normalised_weights(weights: Sequence[float] | None, count: int) -> torch.Tensor:
-    """p_i = w_i / sum w (float64); None gives 1/m each.
-
-    Each weight follows ``check_weight``. They are divided by the largest first, so the
-    sum cannot overflow: [1e308, 1e308] gives [0.5, 0.5] (their plain sum is inf).
-    """
-    if weights is None:
-        return torch.full((count,), 1.0 / count, dtype=torch.float64)
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
-        raise AggregationError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
-    values = [check_weight(x, f"weights[{i}]") for i, x in enumerate(weights)]
-    if len(values) != count:
-        raise AggregationError(f"got {len(values)} weights for {count} updates")
-    w = torch.tensor(values, dtype=torch.float64)
-    w = w / w.max()
-    return w / w.sum()
-
-
-def check_finite_changes(deltas: Mapping[str, SparseTensor], replace: Mapping[str, torch.Tensor], what: str) -> None:
-    """NonFiniteError naming the first key whose values, scaled in float32 as densify scales them, are not finite.
-
-    A SparseTensor refuses finite values whose product with its scale overflows float32 when it is
-    built, and records whether its values are finite then, so the deltas cost no pass here.
-    """
-    for key, sparse in deltas.items():
-        if not sparse.is_finite:
-            raise NonFiniteError(f"{what} of {key!r} is not finite (it overflows float32)")
-    for key, value in replace.items():
-        if value.numel() and not bool(torch.isfinite(value).all()):
-            raise NonFiniteError(f"{what} replaces {key!r} with values that are not finite")
-
-
-def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = None,
-          backend: str | None = None) -> dict[str, torch.Tensor]:
-    """The next global state: deltas added, replacements set, other keys untouched.
-
-    A Broadcast that names its base (``Broadcast.base``) applies only to the state
-    with that digest: ``base`` is the caller's ``state_digest(global_state)`` when
-    it holds one (else it is taken here, about 1 GB/s). On another state, or on
-    the state it already moved, it raises BaseMismatchError. A result that would
-    hold NaN or Inf raises NonFiniteError naming the key. Either way nothing changes.
-
-    Server and clients run this same function on the same Broadcast, so they
-    hold bit-identical states (every backend gives the same bits). Seeded deltas
-    (a SeededMask, as ``decode`` and ``Aggregator`` make them) are drawn here, once,
-    on the device of the state: on the triton and cuda backends one grouped launch
-    per device and dtype redraws the masks in registers and fuses expand + add
-    (the new factors of a group are views of one buffer); the torch backend draws
-    each mask with numpy on the CPU. A seeded delta whose value count is not what
-    its mask keeps raises SeededCountError (a PayloadError and a ShapeMismatchError)
-    naming the key. Returns a new dict; ``global_state`` is not modified (untouched
-    keys share their tensors with it).
-    """
-    if not isinstance(broadcast, Broadcast):
-        raise StateError(f"apply expects a Broadcast, got {type(broadcast).__name__}")
-    check_backend_name(backend)
-    check_state(global_state, "global_state")
-    changes: Mapping[str, object] = {**broadcast.deltas, **broadcast.replace}
-    for key, change in changes.items():
-        if key not in global_state:
-            raise KeyMismatchError(f"broadcast carries {key!r}, which the global state lacks")
-        shape = change.shape if isinstance(change, SparseTensor) else tuple(change.shape)
-        if tuple(shape) != tuple(global_state[key].shape):
-            raise ShapeMismatchError(
-                f"broadcast[{key!r}] has shape {tuple(shape)}, global state has {tuple(global_state[key].shape)}"
-            )
-    for prefix in broadcast.moved:
-        if prefix + LORA_A_SUFFIX not in global_state:
-            raise KeyMismatchError(f"broadcast moves {prefix!r}, which the global state lacks")
-    for key, sparse in broadcast.deltas.items():
-        if not isinstance(sparse, SparseTensor):
-            raise StateError(f"broadcast[{key!r}] is a {type(sparse).__name__}, not a SparseTensor")
-        if sparse.is_seeded and (key not in broadcast.seeded or sparse.mask != SeededMask(
-                broadcast.seed, broadcast.round, key, broadcast.download_drop)):
-            raise StateError(f"broadcast[{key!r}]: its mask {sparse.mask} is not one of this broadcast's seeded "
-                             "download masks")
-    if broadcast.base is not None:
-        held = state_digest(global_state) if base is None else base
-        if held != broadcast.base:
-            raise BaseMismatchError(
-                f"the round-{broadcast.round} broadcast was made for the global {broadcast.base[:12]}..., this "
-                f"state is {held[:12]}... (another model or round, or the broadcast was already applied)")
-    new_state = dict(global_state)
-    groups: dict[tuple[str, torch.device, torch.dtype], list[str]] = {}
-    for key, sparse in broadcast.deltas.items():
-        old = global_state[key]
-        choice = resolve_backend(old.device, backend, cuda_op=True) if sparse.is_seeded else "torch"
-        if choice != "torch" and old.dtype in FACTOR_DTYPES:
-            groups.setdefault((choice, old.device, old.dtype), []).append(key)
-        else:  # the reference: dense deltas, explicit positions, seeded masks drawn with numpy
-            new_state[key] = (old.to(torch.float32) + sparse.to_dense().to(old.device)).to(old.dtype)
-    for (choice, device, _), keys in groups.items():
-        new_state.update(_seeded_expand_add(global_state, broadcast, keys, choice, device))
-    for key, value in broadcast.replace.items():
-        old = global_state[key]
-        new_state[key] = value.to(device=old.device, dtype=old.dtype).clone()
-    for key in changes:
-        if not bool(torch.isfinite(new_state[key]).all()):
-            raise NonFiniteError(f"applying the round-{broadcast.round} broadcast makes {key!r} non-finite; "
-                                 "the state is left as it was")
-    return new_state
-
-
-def _seeded_expand_add(global_state: StateDict, broadcast: Broadcast, keys: list[str], choice: str,
-                       device: torch.device) -> dict[str, torch.Tensor]:
-    """``old + expand(values) * scale`` for the seeded ``keys`` (one device and dtype) in one grouped launch.
-
-    The factors are laid end to end in one buffer, the kernel draws every mask in registers,
-    checks each key's value count against its mask (one host sync) and adds; each new factor
-    is a view of the output buffer.
-    """
-    olds = [global_state[key] for key in keys]
-    sparses = [broadcast.deltas[key] for key in keys]
-    offsets = [0]
-    for old in olds:
-        offsets.append(offsets[-1] + old.numel())
-    flat = olds[0].reshape(-1) if len(olds) == 1 else torch.cat([old.reshape(-1) for old in olds])
-    dtypes = {s.values.dtype for s in sparses}
-    # One value buffer: as sent when the dtypes agree, else widened to float32 (exact for the wire dtypes,
-    # and the rounding torch's reference applies to anything wider).
-    value_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    if value_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        value_dtype = torch.float32
-    values = torch.cat([s.values.to(value_dtype) for s in sparses]).to(device)
-    args = (flat, offsets, values, [s.mask.philox_key for s in sparses], broadcast.download_drop,
-            [s.scale for s in sparses])
-    counts = [s.nnz for s in sparses]
-    if choice == "cuda":
-        from .kernels.cuda_ops import seeded_expand_add_cuda
-
-        out = seeded_expand_add_cuda(*args, counts=counts, names=keys)
-    else:
-        from .kernels.download_triton import seeded_expand_add_grouped_triton
-
-        out = seeded_expand_add_grouped_triton(*args, counts=counts, names=keys)
-    return {key: out[a:b].view(old.shape) for key, old, a, b in zip(keys, olds, offsets, offsets[1:])}
-
-
-__all__ = ["Aggregator", "AggregationReport", "apply", "bound_norms", "normalised_weights", "reconstructed_norms",
-           "scheduled_factor"]

@@ -5,10 +5,10 @@ that keep the float64 working set under a memory budget. Per pair it decides
 which factor moves (odd rounds B, even rounds A, unless the factor it would
 project onto is rank-deficient) and runs one path:
 
-    "delta"       FedSRD-e, exact, no SVD (kernels.factored.delta_form_update)
-    "exact"       FedSRD, SVD_r on the (m+1) r core (kernels.factored.exact_update)
-    "randomized"  FedSRD, range finder warm-started from A (kernels.factored.randomized_update)
-    "reference"   either method, one pair at a time through thin QR (kernels.decompose);
+    "delta"       FedSRD-e, exact, no SVD (factored.delta_form_update)
+    "exact"       FedSRD, SVD_r on the (m+1) r core (factored.exact_update)
+    "randomized"  FedSRD, range finder warm-started from A (factored.randomized_update)
+    "reference"   either method, one pair at a time through thin QR (linalg);
                   the simplest correct code, kept as a cross-check
 
 "auto" picks "delta" for FedSRD-e, and for FedSRD "exact" while the bases,
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import WORK_DTYPE, check_probability
-from .errors import ConfigError
-from .kernels import decompose as reference
-from .kernels import factored
-from .kernels._backend import check_backend_name
-from .kernels.reconstruct import stack_client_factors_dispatch
-from .lora import LoraPair, StateDict
-from .updates import SparseUpdate
+from ..config import WORK_DTYPE, check_probability
+from ..errors import ConfigError
+from ..kernels._backend import check_backend_name
+from ..kernels.reconstruct import stack_client_factors_dispatch
+from ..lora import LoraPair, StateDict
+from ..updates import SparseUpdate
+from . import factored
+from . import linalg as reference
 
 PATHS = ("auto", "delta", "exact", "randomized", "reference")
 
