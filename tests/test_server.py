@@ -9,10 +9,10 @@ import torch
 
 import fedsrd_kernels as fk
 from fedsrd_kernels import oracle
-from fedsrd_kernels.server.decompose import PATHS, truncation_rank
-from fedsrd_kernels.server.linalg import project_delta, stack_factors, truncated_factors
 from fedsrd_kernels.kernels.philox import seeded_keep_indices
 from fedsrd_kernels.lora import factor_keys
+from fedsrd_kernels.server.decompose import PATHS, truncation_rank
+from fedsrd_kernels.server.linalg import project_delta, stack_factors, truncated_factors
 from tests.helpers import assert_unchanged, lora_state, perturbed, rel_err, snapshot
 
 SHAPES = [(1, 1), (6, 1), (1, 9), (33, 17), (80, 45)]
