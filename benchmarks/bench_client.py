@@ -34,17 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 import fedsrd_kernels as fk  # noqa: E402
 from benchmarks.llama_shapes import LLAMA_3B, lora_shapes  # noqa: E402
+from benchmarks.machine import cpu_model  # noqa: E402
 from fedsrd_kernels.config import SparsifyConfig  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def client_states(layers: int, rank: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama_shapes import LLAMA_3B, pair_shapes  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from plain import plain_server_pair  # noqa: E402
 
 import fedsrd_kernels as fk  # noqa: E402
@@ -57,14 +57,6 @@ def make_round(shapes, rank, clients, device, seed=0):
                                       for k, s in u.deltas.items()}) for u in updates]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn, repeats, device):
