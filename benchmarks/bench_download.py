@@ -28,7 +28,7 @@ that change decode drew every mask (and encode drew them again as a check);
 key's mask drawn and counted as the old decode did, then apply with the
 positions given. ``--baseline-checkout DIR`` also times decode and apply of
 the same bytes (the wire format did not change) with the fedsrd_kernels of
-another checkout (e.g. ``git worktree add /tmp/base <commit>``), in a
+another checkout (e.g. ``git worktree add <folder> <commit>``), in a
 subprocess: the old code itself.
 
     python benchmarks/bench_download.py --wire --json benchmarks/results/download_wire_cpu.json
