@@ -4,7 +4,7 @@ One op family, over the whole model in one grouped call, results checked equal b
 (the bitmap codec and the segmented top-k threshold this also timed were deleted: nothing in
 production called them; benchmarks/bench_sparsify.py times the Triton select against torch):
   seeded     the download: compaction under the Philox mask, and the expand-add
-             torch: numpy Philox on the CPU + gather (as Aggregator does);  Triton: download_triton
+             torch: numpy Philox on the CPU + gather (as Aggregator does);  Triton: kernels/download/triton.py
 
 GB/s counts the bytes an op must move at least, over the device's measured copy bandwidth.
 
@@ -42,9 +42,9 @@ def _print(title: str, rows, peak_gbs: float) -> None:
 
 
 def bench_seeded(shapes, args, device, peak_gbs, have_cuda) -> None:
-    from fedsrd_kernels.kernels import cuda_ops
-    from fedsrd_kernels.kernels.download_triton import dare_compact_grouped_triton, seeded_expand_add_grouped_triton
-    from fedsrd_kernels.kernels.philox import mask_key, seeded_keep_indices
+    from fedsrd_kernels.kernels.download import cuda as cuda_ops
+    from fedsrd_kernels.kernels.download.reference import mask_key, seeded_keep_indices
+    from fedsrd_kernels.kernels.download.triton import dare_compact_grouped_triton, seeded_expand_add_grouped_triton
 
     names = list(shapes)
     keys = [mask_key(SEED, ROUND, name) for name in names]

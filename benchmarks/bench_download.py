@@ -50,13 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_shapes import LLAMA_3B, lora_shapes  # noqa: E402
 from timing import copy_bandwidth, synchronize, time_ms  # noqa: E402,F401  (re-exported to the other scripts)
 
-from fedsrd_kernels.kernels.download_triton import (  # noqa: E402
+from fedsrd_kernels.kernels.download.reference import mask_key, seeded_keep_indices  # noqa: E402
+from fedsrd_kernels.kernels.download.triton import (  # noqa: E402
     dare_compact_grouped_triton,
     dare_compact_triton,
     seeded_expand_add_grouped_triton,
     seeded_expand_add_triton,
 )
-from fedsrd_kernels.kernels.philox import mask_key, seeded_keep_indices  # noqa: E402
 from fedsrd_kernels.updates import Broadcast, SparseTensor  # noqa: E402
 
 # Llama-3.2-3B: hidden, intermediate, kv projection width, layers; LoRA rank 64 on all 7 linear modules.

@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_download import FULL, SMALL, copy_bandwidth, lora_shapes, report, time_ms  # noqa: E402  (sets TRITON_INTERPRET)
 
-from fedsrd_kernels.kernels.reconstruct import stack_client_factors  # noqa: E402
-from fedsrd_kernels.kernels.reconstruct_triton import stack_client_factors_triton  # noqa: E402
+from fedsrd_kernels.kernels.reconstruct.reference import stack_client_factors  # noqa: E402
+from fedsrd_kernels.kernels.reconstruct.triton import stack_client_factors_triton  # noqa: E402
 from fedsrd_kernels.updates import SparseTensor  # noqa: E402
 
 

@@ -30,8 +30,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 from fedsrd_kernels.client import sparsify_matrix  # noqa: E402
 from fedsrd_kernels.config import SparsifyConfig  # noqa: E402
-from fedsrd_kernels.kernels.scoring import importance, keep_count, pearson_kurtosis, top_k_indices  # noqa: E402
-from fedsrd_kernels.kernels.sparsify_triton import SparsifyPipeline, sparsify_grouped_triton  # noqa: E402
+from fedsrd_kernels.kernels.sparsify.reference import importance, keep_count, pearson_kurtosis, top_k_indices  # noqa: E402
+from fedsrd_kernels.kernels.sparsify.triton import SparsifyPipeline, sparsify_grouped_triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copy_bandwidth, synchronize, time_ms  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 from fedsrd_kernels.client import sparsify  # noqa: E402
 from fedsrd_kernels.config import SparsifyConfig  # noqa: E402
-from fedsrd_kernels.kernels.philox import seeded_keep_indices  # noqa: E402
+from fedsrd_kernels.kernels.download.reference import seeded_keep_indices  # noqa: E402
 from fedsrd_kernels.updates import Broadcast, SeededMask, SparseTensor, SparseUpdate  # noqa: E402
 from fedsrd_kernels.wire import MiB, comm_cost, decode, encode  # noqa: E402
 

@@ -26,7 +26,7 @@ reports distinct bugs instead of the first one again and again.
 
 Coverage. The child imports numpy, torch, safetensors and zstandard first, uninstrumented, then the whole
 ``fedsrd_kernels`` package inside ``atheris.instrument_imports`` (wire and what it calls: config, errors,
-updates, kernels.philox). safetensors (Rust) and zstandard (C) are not instrumented: libFuzzer sees their
+updates, kernels.download.reference). safetensors (Rust) and zstandard (C) are not instrumented: libFuzzer sees their
 effect only through the Python branches that follow them.
 
 Mutator. A custom mutator parses the input as a container (metadata JSON + blobs) and applies one to
@@ -966,7 +966,7 @@ def child_main(args: argparse.Namespace, libfuzzer_args: list[str]) -> None:
 
     with atheris.instrument_imports(include=["fedsrd_kernels"]):
         import fedsrd_kernels  # noqa: F401
-        import fedsrd_kernels.kernels.philox  # noqa: F401  (imported lazily by wire: instrument it now)
+        import fedsrd_kernels.kernels.download.reference  # noqa: F401  (imported lazily by wire: instrument it now)
         import fedsrd_kernels.wire  # noqa: F401
     known = set(json.loads(Path(args.known).read_text())) if args.known else set()
     stats = ChildStats(Path(args.child_stats), known)

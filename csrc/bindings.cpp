@@ -1,7 +1,7 @@
 // The one file of the extension that includes torch: it checks every input with TORCH_CHECK
 // (device, dtype, shape, contiguity, group layout) before any launch, allocates the outputs and
 // registers the CUDA kernels of the ops whose schemas and fake kernels are declared in Python
-// (fedsrd_kernels/kernels/cuda_ops.py). Grouped ops take the group layout as a host int[] of
+// (fedsrd_kernels/kernels/download/cuda.py). Grouped ops take the group layout as a host int[] of
 // offsets (tensor t = flat[offsets[t], offsets[t + 1])), so it is checked here and uploaded once.
 #include <Python.h>
 
@@ -21,7 +21,7 @@
 namespace fedsrd {
 namespace {
 
-// Philox covers 4 * 2**32 elements of a tensor (the counter i / 4 is one uint32), as philox.py.
+// Philox covers 4 * 2**32 elements of a tensor (the counter i / 4 is one uint32), as kernels/download/reference.py.
 constexpr int64_t kMaxSeededNumel = int64_t{4} << 32;
 
 void check_cuda(cudaError_t err, const char* op) {
@@ -206,7 +206,7 @@ at::Tensor seeded_expand_add_cuda(const at::Tensor& factor, const at::Tensor& va
 }
 
 // Registered from PyInit__C rather than a static TORCH_LIBRARY_IMPL: a kernel whose C++ signature
-// does not match the schema declared in cuda_ops.py then fails the import with an ImportError
+// does not match the schema declared in kernels/download/cuda.py then fails the import with an ImportError
 // (the package warns once and uses Triton or torch) instead of terminating the process.
 void register_cuda_kernels() {
   static torch::Library* library = nullptr;  // lives as long as the process: it owns the registrations

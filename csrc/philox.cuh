@@ -1,4 +1,4 @@
-// Philox4x32-10 (Random123) and the download keep rule of fedsrd_kernels/kernels/philox.py.
+// Philox4x32-10 (Random123) and the download keep rule of fedsrd_kernels/kernels/download/reference.py.
 //
 // Element i of a tensor with 63-bit key K is kept iff lane i % 4 of Philox4x32-10 on counter
 // (i / 4, 0, 0, 0) with key (K & 0xffffffff, K >> 32) is >= threshold = floor(drop * 2**32).

@@ -29,7 +29,7 @@ from .errors import (
 )
 from .intake import RoundOutcome, Submission, run_round, screen
 from .kernels._backend import backend_info
-from .kernels.scoring import importance, keep_count, kurtosis_ratio, pearson_kurtosis
+from .kernels.sparsify.reference import importance, keep_count, kurtosis_ratio, pearson_kurtosis
 from .lora import LoraLayout, LoraPair, lora_layout, state_digest
 from .server import AggregationReport, Aggregator, apply
 from .updates import Broadcast, SeededMask, SparseTensor, SparseUpdate

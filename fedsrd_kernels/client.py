@@ -11,8 +11,8 @@ import torch
 
 from .config import SparsifyConfig, check_value_dtype
 from .errors import ConfigError, KeyMismatchError, NonFiniteError, ShapeMismatchError, StateError
-from .kernels.scoring import select_top
-from .kernels.sparsify_grouped import sparsify_grouped
+from .kernels.sparsify.dispatch import sparsify_grouped
+from .kernels.sparsify.reference import select_top
 from .lora import StateDict, check_same_layout, check_state, lora_layout
 from .updates import Broadcast, Residual, SparseTensor, SparseUpdate
 

@@ -28,7 +28,7 @@ WORK_DTYPE = torch.float64
 
 # Elements the seeded download mask covers in one tensor, and elements one wire payload
 # may declare (all its tensors together, so every tensor of a decoded payload can be
-# masked). Philox's element rule (kernels/philox.py) runs counter i // 4 as one uint32,
+# masked). Philox's element rule (kernels/download/reference.py) runs counter i // 4 as one uint32,
 # so it reaches 4 * 2**32 = 2**34 elements; csrc/bindings.cpp holds the C++ copy
 # (kMaxSeededNumel), which cannot import this one.
 MAX_NUMEL = 4 * 2**32

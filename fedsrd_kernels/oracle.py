@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .kernels.philox import seeded_keep_indices
+from .kernels.download.reference import seeded_keep_indices
 from .lora import lora_layout
 
 

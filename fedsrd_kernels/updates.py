@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, NonFiniteError, SeededCountError, ShapeMismatchError, StateError
-from .kernels.philox import drop_threshold, mask_key, seeded_keep_indices, seeded_keep_mask
+from .kernels.download.reference import drop_threshold, mask_key, seeded_keep_indices, seeded_keep_mask
 
 SUPPORTED_DEVICES = ("cpu", "cuda")  # meta tensors hold no values; other devices are untested
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -54,7 +54,7 @@ def check_positions(indices: object, numel: int, device: torch.device) -> None:
 class SeededMask:
     """The positions of one seeded download delta: the elements the Philox mask of
     ``mask_key(seed, round, key)`` keeps at drop rate ``drop`` (the element rule of
-    ``kernels/philox.py``). These four fields are all a broadcast sends for them.
+    ``kernels/download/reference.py``). These four fields are all a broadcast sends for them.
 
     ``philox_key`` is the 63-bit kernel key, hashed once here. ``keep_mask`` and
     ``keep_indices`` draw the mask on the CPU (numpy Philox, 0.2-0.6 s per 50 M

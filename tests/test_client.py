@@ -242,15 +242,15 @@ def test_sparsify_is_bit_identical_to_the_untuned_steps(kind, rescale):
 def test_local_state_is_read_once_and_each_kurtosis_taken_once(monkeypatch):
     """The finite check runs once per tensor of each state, the kurtosis once per matrix."""
     from fedsrd_kernels import lora
-    from fedsrd_kernels.kernels import sparsify_grouped
+    from fedsrd_kernels.kernels.sparsify import reference as sparsify_reference
 
     gen = torch.Generator().manual_seed(12)
     g = lora_state(SHAPES, 4, gen=gen)
     local = perturbed(g, 0.05, gen=gen)
     checked, kurtoses = [], []
-    real_all_finite, real_kurtosis = lora.all_finite, sparsify_grouped.pearson_kurtosis
+    real_all_finite, real_kurtosis = lora.all_finite, sparsify_reference.pearson_kurtosis
     monkeypatch.setattr(lora, "all_finite", lambda t: checked.append(t) or real_all_finite(t))
-    monkeypatch.setattr(sparsify_grouped, "pearson_kurtosis",
+    monkeypatch.setattr(sparsify_reference, "pearson_kurtosis",
                         lambda s, **kw: kurtoses.append(s) or real_kurtosis(s, **kw))
     fk.sparsify(local, g, backend="torch")
     assert len(checked) == len(g) + len(local)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsrd_kernels.kernels.philox import drop_threshold, philox4x32_10, seeded_keep_mask
+from fedsrd_kernels.kernels.download.reference import drop_threshold, philox4x32_10, seeded_keep_mask
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
@@ -248,8 +248,8 @@ def test_a_broken_extension_warns_once_and_falls_back(monkeypatch):
 
 def test_cuda_ops_fail_cleanly_without_the_extension():
     from fedsrd_kernels.errors import ConfigError
-    from fedsrd_kernels.kernels import cuda_ops
     from fedsrd_kernels.kernels._backend import cuda_extension_available
+    from fedsrd_kernels.kernels.download import cuda as cuda_ops
 
     if cuda_extension_available():
         pytest.skip("the extension is loaded here")

@@ -22,7 +22,7 @@ import torch
 
 from fedsrd_kernels.errors import ConfigError, SeededCountError
 from fedsrd_kernels.kernels._backend import cuda_extension_available, cuda_extension_status, resolve_backend
-from fedsrd_kernels.kernels.philox import mask_key, seeded_keep_indices, seeded_keep_mask
+from fedsrd_kernels.kernels.download.reference import mask_key, seeded_keep_indices, seeded_keep_mask
 from fedsrd_kernels.updates import SparseTensor
 from tests.helpers import assert_bitwise_equal, seeded_gen
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 if torch.cuda.is_available() and cuda_extension_available():
-    from fedsrd_kernels.kernels import cuda_ops
+    from fedsrd_kernels.kernels.download import cuda as cuda_ops
 
 DEVICE = "cuda"
 # Sizes around the 16-element runs, the 4096-element tiles and the 4-element Philox counters.
@@ -162,7 +162,7 @@ def test_apply_on_cuda_matches_torch_and_refuses_a_forged_count():
 
 def test_seeded_ops_match_triton():
     triton = pytest.importorskip("triton")  # noqa: F841
-    from fedsrd_kernels.kernels.download_triton import dare_compact_grouped_triton, seeded_expand_add_grouped_triton
+    from fedsrd_kernels.kernels.download.triton import dare_compact_grouped_triton, seeded_expand_add_grouped_triton
 
     gen = seeded_gen("vs triton")
     offsets = _offsets(GROUP)

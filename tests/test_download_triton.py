@@ -10,13 +10,13 @@ import torch
 pytest.importorskip("triton")
 
 from fedsrd_kernels.errors import ConfigError, SeededCountError, ShapeMismatchError  # noqa: E402
-from fedsrd_kernels.kernels.download_triton import (  # noqa: E402
+from fedsrd_kernels.kernels.download.reference import mask_key, seeded_keep_indices, seeded_keep_mask  # noqa: E402
+from fedsrd_kernels.kernels.download.triton import (  # noqa: E402
     dare_compact_grouped_triton,
     dare_compact_triton,
     seeded_expand_add_grouped_triton,
     seeded_expand_add_triton,
 )
-from fedsrd_kernels.kernels.philox import mask_key, seeded_keep_indices, seeded_keep_mask  # noqa: E402
 from fedsrd_kernels.server import Aggregator, apply  # noqa: E402
 from fedsrd_kernels.updates import Broadcast  # noqa: E402
 from tests.helpers import assert_bitwise_equal, kernel_device, seeded_gen

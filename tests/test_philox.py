@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsrd_kernels.errors import ConfigError
-from fedsrd_kernels.kernels.philox import (
+from fedsrd_kernels.kernels.download.reference import (
     MAX_NUMEL,
     drop_threshold,
     mask_key,

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("triton")
 
 from fedsrd_kernels.errors import ShapeMismatchError, StateError  # noqa: E402
-from fedsrd_kernels.kernels.reconstruct import stack_client_factors  # noqa: E402
-from fedsrd_kernels.kernels.reconstruct_triton import stack_client_factors_triton  # noqa: E402
+from fedsrd_kernels.kernels.reconstruct.reference import stack_client_factors  # noqa: E402
+from fedsrd_kernels.kernels.reconstruct.triton import stack_client_factors_triton  # noqa: E402
 from fedsrd_kernels.updates import SparseTensor  # noqa: E402
 from tests.helpers import assert_bitwise_equal, kernel_device, seeded_gen
 

@@ -8,7 +8,7 @@ import torch
 
 import fedsrd_kernels as fk
 from fedsrd_kernels import oracle
-from fedsrd_kernels.kernels.scoring import top_k_indices
+from fedsrd_kernels.kernels.sparsify.reference import top_k_indices
 
 SHAPES = [(1, 1, 1), (1, 7, 1), (3, 1, 5), (17, 33, 4), (64, 96, 8), (127, 5, 13)]
 
@@ -145,7 +145,7 @@ def test_top_k_indices_is_topk_bit_for_bit(n):
 
 def test_threshold_path_runs_when_the_boundary_is_untied():
     """Distinct scores take the threshold (sampled above 2**15 scores); a tied k-th largest or a NaN does not."""
-    from fedsrd_kernels.kernels import scoring
+    from fedsrd_kernels.kernels.sparsify import reference as scoring
 
     gen = torch.Generator().manual_seed(3)
     for n in (5000, 200_000):

@@ -9,7 +9,7 @@ import torch
 
 import fedsrd_kernels as fk
 from fedsrd_kernels import oracle
-from fedsrd_kernels.kernels.philox import seeded_keep_indices
+from fedsrd_kernels.kernels.download.reference import seeded_keep_indices
 from fedsrd_kernels.lora import factor_keys
 from fedsrd_kernels.server.decompose import PATHS, truncation_rank
 from fedsrd_kernels.server.linalg import project_delta, stack_factors, truncated_factors
@@ -446,7 +446,7 @@ def test_grouped_apply_matches_per_key_and_torch(factor_dtypes, value_dtype):
 def test_download_and_apply_launch_once_per_broadcast(monkeypatch):
     """One grouped compaction per aggregate and one grouped expand-add per apply (per dtype), never one per key."""
     pytest.importorskip("triton")
-    from fedsrd_kernels.kernels import download_triton as dt
+    from fedsrd_kernels.kernels.download import triton as dt
 
     calls = {"compact": 0, "expand": 0}
 

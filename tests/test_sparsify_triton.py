@@ -24,11 +24,17 @@ from fedsrd_kernels import oracle
 from fedsrd_kernels.client import sparsify_matrix
 from fedsrd_kernels.config import SparsifyConfig
 from fedsrd_kernels.errors import ConfigError, NonFiniteError, ShapeMismatchError
-from fedsrd_kernels.kernels.scoring import importance, keep_count, kurtosis_ratio, pearson_kurtosis
-from fedsrd_kernels.kernels.sparsify_grouped import sparsify_grouped, sparsify_grouped_torch
+from fedsrd_kernels.kernels.sparsify.dispatch import sparsify_grouped
+from fedsrd_kernels.kernels.sparsify.reference import (
+    importance,
+    keep_count,
+    kurtosis_ratio,
+    pearson_kurtosis,
+    sparsify_grouped_torch,
+)
 
 pytest.importorskip("triton")
-from fedsrd_kernels.kernels.sparsify_triton import SparsifyPipeline, sparsify_grouped_triton  # noqa: E402
+from fedsrd_kernels.kernels.sparsify.triton import SparsifyPipeline, sparsify_grouped_triton  # noqa: E402
 
 # Inputs are built on the CPU; the Triton path runs on the GPU when there is one (else interpreted).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +96,7 @@ def assert_matches(got, want):
 
 def assert_matches_up_to_ties(got, pairs, base=0.85, coeff=0.1, upper=0.11, rescale=True):
     """The reference rule where tied scores make the kept set ambiguous: the reference's count
-    (scoring.py ops), a valid top-k, and the scale (or None) that follows from the kept values."""
+    (sparsify/reference.py ops), a valid top-k, and the scale (or None) that follows from the kept values."""
     assert len(got) == 2 * len(pairs)
     for j, (delta, scores) in enumerate(matrices(pairs)):
         lo, hi = got.offsets[j], got.offsets[j + 1]
@@ -299,7 +305,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fedsrd_kernels.kernels import sparsify_triton as kt
+from fedsrd_kernels.kernels.sparsify import triton as kt
 
 TYPES = {  # argument name -> type; any other argument is an int64 table
     "partials": "*fp64", "norms": "*fp32", "scores_bits": "*i32", "part_sum": "*fp64", "part_m2": "*fp64",
@@ -310,17 +316,17 @@ TYPES = {  # argument name -> type; any other argument is an int64 table
 }
 block, r_pad = kt.DEFAULT_BLOCK, 64
 launches = [
-    (kt._norm_partials_kernel, {"DTYPE": tl.float32, "R_PAD": r_pad, "W": block // r_pad}),
-    (kt._norm_partials_kernel, {"DTYPE": tl.bfloat16, "R_PAD": 1, "W": block}),
-    (kt._norm_finish_kernel, {"R_PAD": r_pad, "CHUNK": kt._CHUNK}),
-    (kt._scores_kernel, {"DTYPE": tl.float16, "R_PAD": r_pad, "BLOCK": block}),
-    (kt._moments_kernel, {"BLOCK": block, "CHUNK": kt._CHUNK}),
-    (kt._hist_kernel, {"SHIFT": 16, "STORE_BLOCKS": False, "BLOCK": block}),
-    (kt._hist_kernel, {"SHIFT": 0, "STORE_BLOCKS": True, "BLOCK": block}),
-    (kt._select_kernel, {"SHIFT": 24}),
-    (kt._scan_kernel, {"CHUNK": kt._SCAN_CHUNK}),
-    (kt._write_kernel, {"DTYPE": tl.float32, "BLOCK": block}),
-    (kt._segment_sum_kernel, {"CHUNK": kt._CHUNK}),
+    (kt.norm_partials_kernel, {"DTYPE": tl.float32, "R_PAD": r_pad, "W": block // r_pad}),
+    (kt.norm_partials_kernel, {"DTYPE": tl.bfloat16, "R_PAD": 1, "W": block}),
+    (kt.norm_finish_kernel, {"R_PAD": r_pad, "CHUNK": kt._CHUNK}),
+    (kt.scores_kernel, {"DTYPE": tl.float16, "R_PAD": r_pad, "BLOCK": block}),
+    (kt.moments_kernel, {"BLOCK": block, "CHUNK": kt._CHUNK}),
+    (kt.hist_kernel, {"SHIFT": 16, "STORE_BLOCKS": False, "BLOCK": block}),
+    (kt.hist_kernel, {"SHIFT": 0, "STORE_BLOCKS": True, "BLOCK": block}),
+    (kt.select_kernel, {"SHIFT": 24}),
+    (kt.scan_kernel, {"CHUNK": kt._SCAN_CHUNK}),
+    (kt.write_kernel, {"DTYPE": tl.float32, "BLOCK": block}),
+    (kt.segment_sum_kernel, {"CHUNK": kt._CHUNK}),
 ]
 for fn, constexprs in launches:
     signature = {n: "constexpr" if n in constexprs else TYPES.get(n, "*i64") for n in fn.arg_names}

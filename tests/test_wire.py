@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsrd_kernels.errors import FormatVersionError, NonFiniteError, PayloadError, StateError
-from fedsrd_kernels.kernels.philox import seeded_keep_indices
+from fedsrd_kernels.kernels.download.reference import seeded_keep_indices
 from fedsrd_kernels.updates import Broadcast, SparseTensor, SparseUpdate
 from fedsrd_kernels.wire import CommCost, comm_cost, decode, encode, scaled_overflow, seal, unseal
 
@@ -554,7 +554,7 @@ def _llama_like_broadcast(drop=0.8):
 def test_encode_and_decode_draw_no_seeded_mask(monkeypatch):
     """The issue's four draws per round were: server, encode (a check), decode, apply. Only the server's
     compaction and apply draw now: with the Philox rounds made to fail, a broadcast still encodes and decodes."""
-    from fedsrd_kernels.kernels import philox
+    from fedsrd_kernels.kernels.download import reference as philox
     from fedsrd_kernels.updates import SeededMask
 
     g, broadcast = _llama_like_broadcast()

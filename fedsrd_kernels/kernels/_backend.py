@@ -51,7 +51,7 @@ def _load_cuda_extension() -> tuple[bool, str]:
         return False, ("not built (a pure-Python install; building needs a source checkout with nvcc and torch: "
                        "see the README's \"Kernels and backends\")")
     try:
-        from . import cuda_ops  # noqa: F401  (the op schemas the extension's kernels register against)
+        from .download import cuda  # noqa: F401  (the op schemas the extension's kernels register against)
 
         importlib.import_module(CUDA_EXTENSION)
     except Exception as exc:  # a stale or mismatched build: say so once, then use Triton or torch

@@ -328,11 +328,11 @@ class Aggregator:
             flat = flats[members[0]] if len(members) == 1 else torch.cat([flats[k] for k in members])
             bits = [SeededMask(self.seed, round, key, drop).philox_key for key in members]
             if choice == "cuda":
-                from ..kernels.cuda_ops import dare_compact_cuda
+                from ..kernels.download.cuda import dare_compact_cuda
 
                 _, kept_values, value_offsets = dare_compact_cuda(flat, offsets, bits, drop, self.value_dtype)
             else:
-                from ..kernels.download_triton import dare_compact_grouped_triton
+                from ..kernels.download.triton import dare_compact_grouped_triton
 
                 _, kept_values, value_offsets = dare_compact_grouped_triton(flat, offsets, bits, drop,
                                                                             self.value_dtype)

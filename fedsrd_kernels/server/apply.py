@@ -115,11 +115,11 @@ def _seeded_expand_add(global_state: StateDict, broadcast: Broadcast, keys: list
             [s.scale for s in sparses])
     counts = [s.nnz for s in sparses]
     if choice == "cuda":
-        from ..kernels.cuda_ops import seeded_expand_add_cuda
+        from ..kernels.download.cuda import seeded_expand_add_cuda
 
         out = seeded_expand_add_cuda(*args, counts=counts, names=keys)
     else:
-        from ..kernels.download_triton import seeded_expand_add_grouped_triton
+        from ..kernels.download.triton import seeded_expand_add_grouped_triton
 
         out = seeded_expand_add_grouped_triton(*args, counts=counts, names=keys)
     return {key: out[a:b].view(old.shape) for key, old, a, b in zip(keys, olds, offsets, offsets[1:])}

@@ -26,7 +26,7 @@ import torch
 from ..config import WORK_DTYPE, check_probability
 from ..errors import ConfigError
 from ..kernels._backend import check_backend_name
-from ..kernels.reconstruct import stack_client_factors_dispatch
+from ..kernels.reconstruct.dispatch import stack_client_factors_dispatch
 from ..lora import LoraPair, StateDict
 from ..updates import SparseUpdate
 from . import factored

@@ -27,7 +27,7 @@ import torch
 
 from ..config import WORK_DTYPE
 from ..errors import AggregationError, ConfigError
-from ..kernels.reconstruct import scatter_delta
+from ..kernels.reconstruct.reference import scatter_delta
 from ..lora import LoraPair, StateDict, factor_keys, state_digest
 from ..updates import Broadcast, SparseTensor, SparseUpdate
 from .decompose import plan_moves, projection_rtols, range_generator, scheduled_factor, truncation_rank

@@ -1,5 +1,7 @@
 """Client sparsify (spec section 1, eq. 4-8) for every LoRA matrix of a model
-at once: the grouped input and output types, the torch path, and dispatch.
+at once: the grouped input and output types both paths share (the torch path is
+``reference.sparsify_grouped_torch``, the Triton one ``triton.sparsify_grouped_triton``,
+the choice between them ``dispatch.sparsify_grouped``).
 
 Each LoRA pair contributes two matrices, in this order: its dA (r x d_in,
 scored by the norms of the new B's columns), then its dB (d_out x r, scored
@@ -19,18 +21,14 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import ShapeMismatchError
-from ..updates import SparseTensor
-from ._backend import resolve_backend
-from .scoring import importance, pearson_kurtosis, select_top
+from ...errors import ShapeMismatchError
+from ...updates import SparseTensor
 
 __all__ = [
     "FactorPair",
     "GroupedSparse",
     "check_pairs",
     "pair_label",
-    "sparsify_grouped",
-    "sparsify_grouped_torch",
 ]
 
 
@@ -123,74 +121,3 @@ def check_pairs(pairs: Sequence[Sequence[torch.Tensor]], names: Sequence[str] | 
             )
         checked.append(fp)
     return checked
-
-
-def sparsify_grouped_torch(
-    pairs: Sequence[Sequence[torch.Tensor]],
-    *,
-    base: float = 0.85,
-    coeff: float = 0.1,
-    upper: float = 0.11,
-    rescale: bool = True,
-    names: Sequence[str] | None = None,
-) -> GroupedSparse:
-    """The torch path: one matrix at a time (scoring.py ops), packed as a GroupedSparse.
-
-    Same rule as ``client.sparsify_matrix`` with selection "importance" and
-    float32 values; it syncs with the device once per matrix.
-    """
-    checked = check_pairs(pairs, names)
-    shapes, indices, values, counts, scales, kurt = [], [], [], [], [], []
-    device = checked[0].a_prev.device if checked else torch.device("cpu")
-    # One float64 buffer for every matrix's kurtosis and L1 sum (a fresh one per matrix costs page faults).
-    largest = max((t.numel() for fp in checked for t in (fp.a_prev, fp.b_prev)), default=0)
-    workspace = torch.empty(largest, dtype=torch.float64, device=device)
-    for fp in checked:
-        a_prev, b_prev, a_new, b_new = (t.to(torch.float32) for t in fp)
-        d_a, d_b = a_new - a_prev, b_new - b_prev
-        score_a, score_b = importance(d_a, d_b, a_prev, b_new)
-        for delta, scores in ((d_a, score_a), (d_b, score_b)):
-            shapes.append(tuple(delta.shape))
-            kurt.append(pearson_kurtosis(scores, workspace=workspace))
-            chosen = select_top(delta, scores, base, coeff, upper, rescale, kappa=kurt[-1], workspace=workspace)
-            if chosen is None:
-                counts.append(0)
-                scales.append(None)
-                continue
-            kept, kept_values, scale = chosen
-            indices.append(kept)
-            values.append(kept_values)
-            counts.append(kept.numel())
-            scales.append(None if scale is None else float(torch.tensor(scale, dtype=torch.float32)))
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    return GroupedSparse(
-        shapes=tuple(shapes),
-        indices=torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=device),
-        values=torch.cat(values) if values else torch.empty(0, dtype=torch.float32, device=device),
-        offsets=tuple(offsets),
-        scales=tuple(scales),
-        kurtosis=tuple(kurt),
-    )
-
-
-def sparsify_grouped(
-    pairs: Sequence[Sequence[torch.Tensor]],
-    *,
-    base: float = 0.85,
-    coeff: float = 0.1,
-    upper: float = 0.11,
-    rescale: bool = True,
-    names: Sequence[str] | None = None,
-    backend: str | None = None,
-) -> GroupedSparse:
-    """Sparsify every matrix of ``pairs``; the backend follows ``_backend.resolve_backend``."""
-    device = pairs[0][0].device if len(pairs) else torch.device("cpu")
-    choice = resolve_backend(device, backend)
-    if choice == "triton":
-        from .sparsify_triton import sparsify_grouped_triton  # imports triton: only when asked for
-
-        return sparsify_grouped_triton(pairs, base=base, coeff=coeff, upper=upper, rescale=rescale, names=names)
-    # No CUDA C++ sparsify pipeline exists: resolve_backend sends a "cuda" request to Triton.
-    return sparsify_grouped_torch(pairs, base=base, coeff=coeff, upper=upper, rescale=rescale, names=names)

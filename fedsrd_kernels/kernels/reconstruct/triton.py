@@ -1,6 +1,6 @@
 """Stacked client factors (spec eq. 9) in Triton: the dense fill and the sparse scatter.
 
-Builds the same tensor as :func:`fedsrd_kernels.kernels.reconstruct.stack_client_factors`:
+Builds the same tensor as :func:`fedsrd_kernels.kernels.reconstruct.reference.stack_client_factors`:
 
     factor "B":  Bc = [sqrt(p_1) B_1, ..., sqrt(p_m) B_m]   (d_out x m r, client blocks side by side)
     factor "A":  Ac = [sqrt(p_1) A_1; ...; sqrt(p_m) A_m]   (m r x d_in, client blocks stacked)
@@ -37,34 +37,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ..errors import ConfigError, ShapeMismatchError
-from ..updates import SparseTensor
-from .download_triton import from_float32, to_float32
+from ...errors import ConfigError, ShapeMismatchError
+from ...updates import SparseTensor
+from ..triton_utils import FLOAT_DTYPES, NUM_WARPS, block_table, cast
 
 __all__ = ["stack_client_factors_triton"]
 
 FILL_BLOCK = 4096
 SCATTER_BLOCK = 1024
-NUM_WARPS = 8
-
-_OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """torch's ``x.to(dtype)`` for any float ``x``: float64 narrows to 16 bits through float32, as torch does."""
-    if dtype == tl.float64:
-        if x.dtype == tl.float64:
-            y = x
-        else:
-            y = to_float32(x).to(tl.float64)  # exact
-    else:
-        y = from_float32(to_float32(x), dtype)
-    return y
 
 
 @triton.jit
@@ -95,10 +80,10 @@ def _fill_kernel(
     compute_ty = roots_ptr.dtype.element_ty
     if INCLUDE_BASE:
         # The reference casts base to the output dtype first, then multiplies in the compute type.
-        base = _cast(_cast(tl.load(base_ptr + e, mask=in_range), out_ty), compute_ty)
+        base = cast(cast(tl.load(base_ptr + e, mask=in_range), out_ty), compute_ty)
     for i in range(num_clients):
         if INCLUDE_BASE:
-            value = _cast(base * tl.load(roots_ptr + i), out_ty)
+            value = cast(base * tl.load(roots_ptr + i), out_ty)
         else:
             value = tl.zeros([BLOCK], dtype=out_ty)
         where = _block_offset(e, i, num_clients, block_stride, STACK_B, COLS)
@@ -133,11 +118,11 @@ def _scatter_kernel(
     value = tl.load(values_ptr + tl.load(value_starts_ptr + i) + k, mask=in_range)
     out_ty = out_ptr.dtype.element_ty
     compute_ty = coefs_ptr.dtype.element_ty
-    delta = _cast(_cast(_cast(value, out_ty), compute_ty) * tl.load(coefs_ptr + i), out_ty)
+    delta = cast(cast(cast(value, out_ty), compute_ty) * tl.load(coefs_ptr + i), out_ty)
     where = _block_offset(e, i, num_clients, block_stride, STACK_B, COLS)
     old = tl.load(out_ptr + where, mask=in_range)
-    new = _cast(old, compute_ty) + _cast(delta, compute_ty)
-    tl.store(out_ptr + where, _cast(new, out_ty), mask=in_range)
+    new = cast(old, compute_ty) + cast(delta, compute_ty)
+    tl.store(out_ptr + where, cast(new, out_ty), mask=in_range)
 
 
 def _scalar(x: object, what: str) -> float:
@@ -158,7 +143,7 @@ def stack_client_factors_triton(
 ) -> torch.Tensor:
     """Bc (factor "B": blocks side by side) or Ac (factor "A": blocks stacked), in two launches.
 
-    Same contract and result as ``reconstruct.stack_client_factors``:
+    Same contract and result as ``reference.stack_client_factors``:
     ``root_weights`` are sqrt(p_i), an update of None is a zero delta, each
     update's indices are sorted and unique (the SparseTensor contract).
     """
@@ -167,8 +152,8 @@ def stack_client_factors_triton(
         raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
     if base.dim() != 2 or not base.dtype.is_floating_point:
         raise ShapeMismatchError(f"{what}: base must be a 2-D float tensor, got {base.dtype} {tuple(base.shape)}")
-    if dtype not in _OUT_DTYPES:
-        raise ConfigError(f"{what}: dtype must be one of {_OUT_DTYPES}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"{what}: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     if len(updates) != len(root_weights):
         raise ShapeMismatchError(f"{what}: {len(updates)} updates for {len(root_weights)} root weights")
     rows, cols = base.shape
@@ -215,10 +200,9 @@ def stack_client_factors_triton(
     values = torch.cat([s.values.to(device=device, dtype=value_dtype) for _, s in present])
     # Programs never straddle two clients: a block table says which client and which first pair each serves.
     blocks = [triton.cdiv(s.nnz, SCATTER_BLOCK) for _, s in present]
-    block_client = torch.repeat_interleave(
-        torch.tensor([i for i, _ in present], dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
-    ).to(device)
-    block_start = torch.cat([torch.arange(b, dtype=torch.int64) * SCATTER_BLOCK for b in blocks]).to(device)
+    owner, start = block_table(np.asarray(blocks, dtype=np.int64), SCATTER_BLOCK)
+    block_client = torch.from_numpy(np.asarray([i for i, _ in present], dtype=np.int32)[owner]).to(device)
+    block_start = torch.from_numpy(start).to(device)
 
     def table(xs: list, dtype_: torch.dtype) -> torch.Tensor:
         return torch.tensor(xs, dtype=dtype_, device=device)

@@ -1,6 +1,6 @@
 """Seeded DARE download in Triton: the server's compaction and the client's expand-add.
 
-The keep-mask is the element rule of :mod:`fedsrd_kernels.kernels.philox`
+The keep-mask is the element rule of :mod:`fedsrd_kernels.kernels.download.reference`
 (Philox4x32-10, key ``mask_key(seed, round, name)``, counter ``i // 4``, lane
 ``i % 4``, element ``i`` dropped iff ``u_i < floor(drop * 2**32)``), drawn in
 registers with ``tl.randint4x``: no mask or index list is ever read from memory.
@@ -48,13 +48,15 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ..config import FACTOR_DTYPES, MAX_NUMEL, VALUE_DTYPES, check_value_dtype
-from ..errors import ConfigError, SeededCountError, ShapeMismatchError
-from .philox import drop_threshold
+from ...config import FACTOR_DTYPES, MAX_NUMEL, VALUE_DTYPES, check_value_dtype
+from ...errors import ConfigError, SeededCountError, ShapeMismatchError
+from ..triton_utils import FLOAT_DTYPES, NUM_WARPS, block_table, from_float32, to_float32
+from .reference import drop_threshold
 
 __all__ = [
     "dare_compact_grouped_triton",
@@ -66,52 +68,9 @@ __all__ = [
 # Philox counters per program; each covers 4 elements, so a block is 4096 elements.
 COUNTERS = 1024
 BLOCK = 4 * COUNTERS
-NUM_WARPS = 8
-
-_SOURCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-# bfloat16 conversions written out in integer ops. On a GPU ``x.to(tl.bfloat16)``
-# is already round-to-nearest-even, but Triton 3.9's interpreter truncates
-# (0.9521 -> 0.9492 instead of 0.9531), so the tests could not check exactness
-# with it; these match torch's c10::BFloat16 bit for bit on both, for ~5 integer
-# ops per element in a memory-bound kernel.
-@triton.jit
-def bf16_to_f32(x):
-    """Exact widening of bfloat16: its 16 bits are the top half of the float32."""
-    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def f32_to_bf16(x):
-    """Round float32 to nearest-even bfloat16, as torch does on the CPU (any NaN -> 0x7FC0)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def to_float32(x):
-    """torch's ``x.float()``: exact for 16-bit floats, one rounding for float64."""
-    if x.dtype == tl.bfloat16:
-        y = bf16_to_f32(x)
-    else:
-        y = x.to(tl.float32)
-    return y
-
-
-@triton.jit
-def from_float32(x, dtype: tl.constexpr):
-    """torch's ``x.to(dtype)`` for a float32 ``x`` (round to nearest even)."""
-    if dtype == tl.bfloat16:
-        y = f32_to_bf16(x)
-    else:
-        y = x.to(dtype)
-    return y
 
 
 @triton.jit
@@ -249,13 +208,9 @@ class _Plan:
         self.offsets = torch.tensor(offsets[:-1], dtype=torch.int64, device=device)
         self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
         self.keys = torch.tensor([_check_key(k, what) for k in keys], dtype=torch.int64, device=device)
-        blocks_dev = torch.tensor(blocks, dtype=torch.int64, device=device)
-        self.block_tensor = torch.repeat_interleave(
-            torch.arange(self.num_tensors, dtype=torch.int32, device=device), blocks_dev, output_size=self.num_blocks
-        )
-        first_block = torch.cumsum(blocks_dev, 0) - blocks_dev
-        block_ids = torch.arange(self.num_blocks, dtype=torch.int64, device=device)
-        self.block_start = (block_ids - first_block[self.block_tensor.long()]) * BLOCK
+        block_tensor, block_start = block_table(np.asarray(blocks, dtype=np.int64), BLOCK)
+        self.block_tensor = torch.from_numpy(block_tensor.astype(np.int32)).to(device)
+        self.block_start = torch.from_numpy(block_start).to(device)
 
     def slots(self, threshold: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(first output slot of each block, kept count of each tensor), from the counting pass."""
@@ -293,7 +248,7 @@ def dare_compact_grouped_triton(
     ``values``. The DARE scale ``1 / (1 - drop)`` is not applied.
     """
     what = "dare_compact_grouped_triton"
-    if flat.dim() != 1 or flat.dtype not in _SOURCE_DTYPES:
+    if flat.dim() != 1 or flat.dtype not in FLOAT_DTYPES:
         raise ShapeMismatchError(f"{what}: flat must be a 1-D float tensor, got {flat.dtype} {tuple(flat.shape)}")
     dtype = _value_dtype(value_dtype)
     threshold = drop_threshold(drop)
@@ -318,7 +273,7 @@ def dare_compact_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kept, delta.flatten()[kept].to(value_dtype))`` with ``kept`` the seeded keep positions.
 
-    Equals ``philox.seeded_keep_indices`` (key ``key``) and the torch gather
+    Equals ``reference.seeded_keep_indices`` (key ``key``) and the torch gather
     bit for bit. ``delta`` is float32 or float64 of any shape.
     """
     flat = delta.reshape(-1)

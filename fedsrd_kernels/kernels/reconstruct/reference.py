@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..updates import SparseTensor
-from ._backend import resolve_backend
+from ...updates import SparseTensor
 
 
 def scatter_delta(out: torch.Tensor, sparse: SparseTensor, weight: float) -> None:
@@ -58,22 +57,3 @@ def stack_client_factors(
     if factor == "B":
         return out.permute(1, 0, 2).reshape(rows, m * cols)  # [sqrt(p_1) B_1, ..., sqrt(p_m) B_m]
     return out.reshape(m * rows, cols)
-
-
-def stack_client_factors_dispatch(
-    base: torch.Tensor,
-    updates: Sequence[SparseTensor | None],
-    root_weights: Sequence[float],
-    *,
-    factor: str,
-    include_base: bool = True,
-    dtype: torch.dtype = torch.float32,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """``stack_client_factors`` on the backend ``_backend.resolve_backend`` picks (one launch pair on Triton)."""
-    if resolve_backend(base.device, backend) == "triton":
-        from .reconstruct_triton import stack_client_factors_triton
-
-        return stack_client_factors_triton(base, updates, root_weights, factor=factor, include_base=include_base,
-                                           dtype=dtype)
-    return stack_client_factors(base, updates, root_weights, factor=factor, include_base=include_base, dtype=dtype)

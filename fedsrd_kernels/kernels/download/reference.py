@@ -44,8 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..config import MAX_NUMEL
-from ..errors import ConfigError
+from ...config import MAX_NUMEL
+from ...errors import ConfigError
 
 __all__ = [
     "MAX_NUMEL",

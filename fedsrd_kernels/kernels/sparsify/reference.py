@@ -1,5 +1,6 @@
 """Importance scores, kurtosis-adaptive keep ratio and exact top-k selection
-(spec section 1, eq. 6-8): the torch reference and CPU path.
+(spec section 1, eq. 6-8), and the grouped sparsify built from them
+(``sparsify_grouped_torch``): the torch reference and CPU path.
 
 The CPU path is written for one thread's speed (the drop-in API's usual client)
 without changing a bit of the result: the float64 kurtosis runs in place on one
@@ -10,11 +11,13 @@ a threshold when the boundary is not tied (``top_k_indices``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, ShapeMismatchError
+from ...errors import ConfigError, ShapeMismatchError
+from .grouped import GroupedSparse, check_pairs
 
 
 def importance(
@@ -211,3 +214,53 @@ def select_top(
         return kept, values, None
     scale = dense_l1 / kept_l1 if rescale else 1.0
     return kept, values, scale
+
+
+def sparsify_grouped_torch(
+    pairs: Sequence[Sequence[torch.Tensor]],
+    *,
+    base: float = 0.85,
+    coeff: float = 0.1,
+    upper: float = 0.11,
+    rescale: bool = True,
+    names: Sequence[str] | None = None,
+) -> GroupedSparse:
+    """The torch path: one matrix at a time (the ops above), packed as a GroupedSparse.
+
+    Same rule as ``client.sparsify_matrix`` with selection "importance" and
+    float32 values; it syncs with the device once per matrix.
+    """
+    checked = check_pairs(pairs, names)
+    shapes, indices, values, counts, scales, kurt = [], [], [], [], [], []
+    device = checked[0].a_prev.device if checked else torch.device("cpu")
+    # One float64 buffer for every matrix's kurtosis and L1 sum (a fresh one per matrix costs page faults).
+    largest = max((t.numel() for fp in checked for t in (fp.a_prev, fp.b_prev)), default=0)
+    workspace = torch.empty(largest, dtype=torch.float64, device=device)
+    for fp in checked:
+        a_prev, b_prev, a_new, b_new = (t.to(torch.float32) for t in fp)
+        d_a, d_b = a_new - a_prev, b_new - b_prev
+        score_a, score_b = importance(d_a, d_b, a_prev, b_new)
+        for delta, scores in ((d_a, score_a), (d_b, score_b)):
+            shapes.append(tuple(delta.shape))
+            kurt.append(pearson_kurtosis(scores, workspace=workspace))
+            chosen = select_top(delta, scores, base, coeff, upper, rescale, kappa=kurt[-1], workspace=workspace)
+            if chosen is None:
+                counts.append(0)
+                scales.append(None)
+                continue
+            kept, kept_values, scale = chosen
+            indices.append(kept)
+            values.append(kept_values)
+            counts.append(kept.numel())
+            scales.append(None if scale is None else float(torch.tensor(scale, dtype=torch.float32)))
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    return GroupedSparse(
+        shapes=tuple(shapes),
+        indices=torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=device),
+        values=torch.cat(values) if values else torch.empty(0, dtype=torch.float32, device=device),
+        offsets=tuple(offsets),
+        scales=tuple(scales),
+        kurtosis=tuple(kurt),
+    )

@@ -9,7 +9,7 @@ are grouped: tensor ``t`` of a group is ``flat[offsets[t]:offsets[t + 1]]`` of a
     fedsrd::seeded_count(keys, offsets, threshold) -> counts
     fedsrd::seeded_compact(values, keys, offsets, threshold) -> (indices, kept, counts)
     fedsrd::seeded_expand_add(factor, values, keys, scales, offsets, threshold) -> out
-        The download: the Philox mask of philox.py (key per tensor, threshold = floor(drop * 2**32))
+        The download: the Philox mask of reference.py (key per tensor, threshold = floor(drop * 2**32))
         drawn in registers, never stored. seeded_count: the kept count of each tensor (``apply``
         checks each key's value count with it). seeded_compact (``Aggregator``'s download): each
         tensor's kept positions and values (a bit copy), in element order. seeded_expand_add
@@ -29,7 +29,7 @@ and through the compaction's positions on a GPU (tests/test_cuda_ops.py).
 
 The segmented top-k threshold (segmented_topk_threshold, with topk_thresholds and
 keep_mask_from_thresholds) was deleted too: sparsify's GPU path is the grouped Triton pipeline
-(kernels/sparsify_triton.py), whose radix select is fused with the passes around it (its first
+(kernels/sparsify/triton.py), whose radix select is fused with the passes around it (its first
 digit is histogrammed by the scores kernel, its last pass stores the per-block histograms the
 compaction places the kept entries from). The op returned only (threshold, ties) per matrix, so
 wiring it in would have added a pass over every score to recount per block, for one launch
@@ -44,9 +44,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import FACTOR_DTYPES, MAX_NUMEL, VALUE_DTYPES
-from ..errors import ConfigError, SeededCountError, ShapeMismatchError
-from .philox import drop_threshold
+from ...config import FACTOR_DTYPES, MAX_NUMEL, VALUE_DTYPES
+from ...errors import ConfigError, SeededCountError, ShapeMismatchError
+from .reference import drop_threshold
 
 __all__ = [
     "dare_compact_cuda",
@@ -96,7 +96,7 @@ def _seeded_expand_add_fake(factor, values, keys, scales, offsets, threshold):
 # --------------------------------------------------------------------------- checks
 
 def _require_extension(what: str) -> None:
-    from ._backend import cuda_extension_available, cuda_extension_status
+    from .._backend import cuda_extension_available, cuda_extension_status
 
     if not cuda_extension_available():
         raise ConfigError(f"{what}: the CUDA extension fedsrd_kernels._C is not loaded ({cuda_extension_status()})")
@@ -166,7 +166,7 @@ def dare_compact_cuda(
     drop: float,
     value_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Seeded DARE compaction of a group: the contract of ``download_triton.dare_compact_grouped_triton``.
+    """Seeded DARE compaction of a group: the contract of ``triton.dare_compact_grouped_triton``.
 
     Returns ``(indices, values, value_offsets)``: tensor t's kept positions (int64, local,
     sorted) and values (``value_dtype``; the cast is torch's, after the bit-exact compaction)
