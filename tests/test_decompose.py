@@ -6,7 +6,7 @@ import torch
 
 import fedsrd_kernels as fk
 from fedsrd_kernels import oracle
-from fedsrd_kernels.server.factored import gram_pinv, svqb
+from fedsrd_kernels.server.factored import Basis, gram_pinv, svqb
 from tests.helpers import lora_state, perturbed, rel_err
 
 FEDSRD_PATHS = ["exact", "randomized", "reference"]
@@ -138,6 +138,29 @@ def test_svqb_is_orthonormal_or_zero_even_when_rank_deficient(shape):
     assert kept.sum() == np.linalg.matrix_rank(x.numpy())
     np.testing.assert_allclose(gram, np.diag(kept.astype(float)), atol=1e-12)
     np.testing.assert_allclose(q @ (q.T @ x), x, atol=1e-12)  # spans x
+
+
+@pytest.mark.parametrize("condition, dependent, form", [(1.0, False, "cholesky"), (1.0, True, "eigh"),
+                                                       (1e5, False, "svqb"), (1e5, True, "svqb")])
+def test_exact_path_basis_is_orthonormal_or_zero_and_spans(condition, dependent, form):
+    """The exact path's basis is orthonormal to 1e-12 and spans x, also with a zero column: taken
+    from the Gram's Cholesky factor when x has full rank, from its eigh when columns are dependent,
+    formed by svqb when the Gram route would leave ~eps * cond^2 = 1e-6."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(200, 9, generator=gen, dtype=torch.float64)
+    x[:, 1] = x[:, 0] + x[:, 1] / condition  # nearly collinear columns
+    extra = [x[:, 2:3] * 3] if dependent else []
+    x = torch.cat([x, *extra, torch.zeros(200, 1, dtype=torch.float64)], dim=1)
+    basis = Basis(x.unsqueeze(0))
+    assert basis.form == form
+    q = basis.times(torch.eye(x.shape[1], dtype=torch.float64).unsqueeze(0))[0]
+    np.testing.assert_allclose(basis.left_times(q.T.unsqueeze(0))[0], q.T @ q, atol=1e-12)
+    np.testing.assert_allclose(basis.coords[0], q.T @ x, atol=1e-12 * float(x.abs().max()))
+    gram = (q.T @ q).numpy()
+    kept = np.diag(gram) > 0.5
+    assert kept.sum() == np.linalg.matrix_rank(x.numpy())
+    np.testing.assert_allclose(gram, np.diag(kept.astype(float)), atol=1e-12)
+    np.testing.assert_allclose(q @ (q.T @ x), x, atol=1e-12 * float(x.abs().max()))
 
 
 def test_gram_pinv_matches_numpy_with_the_same_cutoff():

@@ -17,6 +17,7 @@ project onto is rank-deficient) and runs one path:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -211,8 +212,10 @@ def decompose(
         generator = range_generator(options.seed, round, (first.d_out, first.d_in, first.rank))
         for start in range(0, len(group), chunk):
             part = group[start:start + chunk]
-            results.update(_decompose_batch(global_state, updates, part, p.to(device), round, options, path,
-                                            rank, rtol, generator, torch.device(device)))
+            with _threads_for(torch.device(device), len(part) * max(first.d_out, first.d_in) * (len(updates) + 1)
+                              * first.rank):
+                results.update(_decompose_batch(global_state, updates, part, p.to(device), round, options, path,
+                                                rank, rtol, generator, torch.device(device)))
     return results
 
 
@@ -246,23 +249,45 @@ def _decompose_batch(global_state, updates, pairs, p, round, options, path, rank
         idx = [i for i, (m, _) in enumerate(plans) if m == move]
         if not idx:
             continue
-        sel = torch.tensor(idx, device=device)
-        residual = None
-        if path == "reference":
-            delta = torch.stack([_reference_pair(b[i], a[i], d_b[i], d_a[i], p, move, rank, rtol[move],
-                                                 options.truncate) for i in idx])
-        elif path == "delta":
-            delta = factored.delta_form_update(b[sel], a[sel], d_b[sel], d_a[sel], p, move, rtol[move])
-        elif path == "exact":
-            delta = factored.exact_update(b[sel], a[sel], d_b[sel], d_a[sel], p, move, rank, rtol[move])
+        if len(idx) == len(plans):  # the usual case: every pair moves the scheduled factor, no gather copies
+            b_sel, a_sel, d_b_sel, d_a_sel = b, a, d_b, d_a
         else:
-            delta, residual = factored.randomized_update(
-                b[sel], a[sel], d_b[sel], d_a[sel], p, move, rank, rtol[move],
-                oversample=options.oversample, power_iters=options.power_iters, generator=generator)
+            sel = torch.tensor(idx, device=device)
+            b_sel, a_sel, d_b_sel, d_a_sel = b[sel], a[sel], d_b[sel], d_a[sel]
+        delta, residual = _decompose_moves(b_sel, a_sel, d_b_sel, d_a_sel, p, move, rank, rtol[move], options, path,
+                                           generator)
         for j, i in enumerate(idx):
             res = None if residual is None else float(residual[j])
             out[pairs[i].prefix] = PairDecomposition(move, delta[j], scheduled, path, plans[i][1], res)
     return out
+
+
+# Batches whose client stacks hold fewer elements than this run on one CPU thread. Their
+# copies and GEMMs are too small to gain from a second thread, and a busy core stalls every
+# OpenMP region: on the server check (4 pairs of 1024 x 1024, r = 16, 8 clients: 0.6M
+# elements) the exact round took 0.14-0.17 s at 2 threads and 0.04-0.09 s at 1 with two other
+# jobs on the 2 cores; idle, 0.03-0.04 s either way.
+ONE_THREAD_ELEMENTS = 2**22
+
+
+def _threads_for(device: torch.device, stack_elements: int) -> contextlib.AbstractContextManager:
+    if device.type == "cpu" and stack_elements < ONE_THREAD_ELEMENTS:
+        return factored.one_cpu_thread()
+    return contextlib.nullcontext()
+
+
+def _decompose_moves(b_sel, a_sel, d_b_sel, d_a_sel, p, move, rank, rtol, options, path, generator):
+    """(deltas, range residuals or None) of the pairs that move ``move``, on one path."""
+    if path == "reference":
+        return torch.stack([_reference_pair(b_sel[j], a_sel[j], d_b_sel[j], d_a_sel[j], p, move, rank, rtol,
+                                            options.truncate) for j in range(b_sel.shape[0])]), None
+    if path == "delta":
+        return factored.delta_form_update(b_sel, a_sel, d_b_sel, d_a_sel, p, move, rtol), None
+    if path == "exact":
+        return factored.exact_update(b_sel, a_sel, d_b_sel, d_a_sel, p, move, rank, rtol), None
+    return factored.randomized_update(b_sel, a_sel, d_b_sel, d_a_sel, p, move, rank, rtol,
+                                      oversample=options.oversample, power_iters=options.power_iters,
+                                      generator=generator)
 
 
 def _reference_pair(b, a, d_b, d_a, p, move, rank, rtol, truncate) -> torch.Tensor:
