@@ -60,7 +60,7 @@ def check_value_dtype(name: str) -> torch.dtype:
 
 
 def check_probability(name: str, value: float, *, allow_one: bool = False) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0.0
             and (value <= 1.0 if allow_one else value < 1.0)):  # the type first: None < 1.0 is a TypeError
         bound = "[0, 1]" if allow_one else "[0, 1)"
         raise ConfigError(f"{name} must be a finite number in {bound}, got {value!r}")
@@ -121,7 +121,7 @@ class SparsifyConfig:
         check_probability("base", self.base, allow_one=True)
         for name in ("coeff", "upper"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0.0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.base + self.upper > 1.0:
             raise ConfigError(

@@ -122,7 +122,7 @@ def test_randomized_path_reports_its_residual_on_a_truncated_range():
 
 def test_bad_path_options():
     for kwargs in ({"path": "fast"}, {"method": "fedsrd-e", "path": "exact"}, {"method": "fedsrd", "path": "delta"},
-                   {"oversample": -1}, {"memory_budget": 0}):
+                   {"oversample": -1}, {"memory_budget": 0}, {"download_drop": True}, {"projection_rtol": False}):
         with pytest.raises(fk.ConfigError):
             fk.Aggregator(**{"method": "fedsrd", **kwargs})
 

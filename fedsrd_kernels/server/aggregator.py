@@ -19,7 +19,7 @@ from ..errors import (
     ShapeMismatchError,
     StateError,
 )
-from ..kernels._backend import resolve_backend
+from ..kernels.download.dispatch import dare_compact_grouped
 from ..lora import LoraPair, StateDict, check_state, factor_keys, factor_of, state_digest
 from ..updates import FLOAT32_MAX, Broadcast, SeededMask, SparseTensor, SparseUpdate
 from .averaging import fedavg_pair, flexlora_pair
@@ -312,34 +312,9 @@ class Aggregator:
                     raise NonFiniteError(f"the aggregate of {key!r} is not finite in float32 (up to {top:.3g})")
         if drop == 0.0:
             return {key: SparseTensor(deltas[key].shape, flat.to(self.value_dtype)) for key, flat in flats.items()}
-        values: dict[str, torch.Tensor] = {}
-        for (device, dtype), members in groups.items():
-            choice = resolve_backend(device, self.backend, cuda_op=True)
-            if choice == "cuda" and dtype not in (torch.float32, torch.float64):
-                choice = "torch"  # the op compacts float32 / float64 sources; torch is exact for the rest
-            if choice == "torch":
-                for key in members:
-                    kept = SeededMask(self.seed, round, key, drop).keep_indices(flats[key].numel(), device=device)
-                    values[key] = flats[key][kept].to(self.value_dtype)
-                continue
-            offsets = [0]
-            for key in members:
-                offsets.append(offsets[-1] + flats[key].numel())
-            flat = flats[members[0]] if len(members) == 1 else torch.cat([flats[k] for k in members])
-            bits = [SeededMask(self.seed, round, key, drop).philox_key for key in members]
-            if choice == "cuda":
-                from ..kernels.download.cuda import dare_compact_cuda
-
-                _, kept_values, value_offsets = dare_compact_cuda(flat, offsets, bits, drop, self.value_dtype)
-            else:
-                from ..kernels.download.triton import dare_compact_grouped_triton
-
-                _, kept_values, value_offsets = dare_compact_grouped_triton(flat, offsets, bits, drop,
-                                                                            self.value_dtype)
-            for key, lo, hi in zip(members, value_offsets, value_offsets[1:]):
-                values[key] = kept_values[lo:hi]
+        masks = {key: SeededMask(self.seed, round, key, drop) for key in deltas}
+        values = dare_compact_grouped(flats, masks, drop, self.value_dtype, backend=self.backend)
         scale = 1.0 / (1.0 - drop)
-        return {key: SparseTensor(deltas[key].shape, values[key], scale=scale,
-                                  mask=SeededMask(self.seed, round, key, drop)) for key in deltas}
+        return {key: SparseTensor(deltas[key].shape, values[key], scale=scale, mask=masks[key]) for key in deltas}
 
 

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import torch
 
-from ..config import FACTOR_DTYPES
 from ..errors import (
     BaseMismatchError,
     KeyMismatchError,
@@ -14,7 +13,8 @@ from ..errors import (
     ShapeMismatchError,
     StateError,
 )
-from ..kernels._backend import check_backend_name, resolve_backend
+from ..kernels._backend import check_backend_name
+from ..kernels.download.dispatch import add_dense, seeded_expand_add_grouped
 from ..lora import LORA_A_SUFFIX, StateDict, check_state, state_digest
 from ..updates import Broadcast, SeededMask, SparseTensor
 
@@ -70,16 +70,11 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = N
                 f"the round-{broadcast.round} broadcast was made for the global {broadcast.base[:12]}..., this "
                 f"state is {held[:12]}... (another model or round, or the broadcast was already applied)")
     new_state = dict(global_state)
-    groups: dict[tuple[str, torch.device, torch.dtype], list[str]] = {}
+    seeded = {key: sparse for key, sparse in broadcast.deltas.items() if sparse.is_seeded}
     for key, sparse in broadcast.deltas.items():
-        old = global_state[key]
-        choice = resolve_backend(old.device, backend, cuda_op=True) if sparse.is_seeded else "torch"
-        if choice != "torch" and old.dtype in FACTOR_DTYPES:
-            groups.setdefault((choice, old.device, old.dtype), []).append(key)
-        else:  # the reference: dense deltas, explicit positions, seeded masks drawn with numpy
-            new_state[key] = (old.to(torch.float32) + sparse.to_dense().to(old.device)).to(old.dtype)
-    for (choice, device, _), keys in groups.items():
-        new_state.update(_seeded_expand_add(global_state, broadcast, keys, choice, device))
+        if not sparse.is_seeded:  # dense deltas and explicit positions
+            new_state[key] = add_dense(global_state[key], sparse)
+    new_state.update(seeded_expand_add_grouped(global_state, seeded, broadcast.download_drop, backend=backend))
     for key, value in broadcast.replace.items():
         old = global_state[key]
         new_state[key] = value.to(device=old.device, dtype=old.dtype).clone()
@@ -88,40 +83,3 @@ def apply(global_state: StateDict, broadcast: Broadcast, *, base: str | None = N
             raise NonFiniteError(f"applying the round-{broadcast.round} broadcast makes {key!r} non-finite; "
                                  "the state is left as it was")
     return new_state
-
-
-def _seeded_expand_add(global_state: StateDict, broadcast: Broadcast, keys: list[str], choice: str,
-                       device: torch.device) -> dict[str, torch.Tensor]:
-    """``old + expand(values) * scale`` for the seeded ``keys`` (one device and dtype) in one grouped launch.
-
-    The factors are laid end to end in one buffer, the kernel draws every mask in registers,
-    checks each key's value count against its mask (one host sync) and adds; each new factor
-    is a view of the output buffer.
-    """
-    olds = [global_state[key] for key in keys]
-    sparses = [broadcast.deltas[key] for key in keys]
-    offsets = [0]
-    for old in olds:
-        offsets.append(offsets[-1] + old.numel())
-    flat = olds[0].reshape(-1) if len(olds) == 1 else torch.cat([old.reshape(-1) for old in olds])
-    dtypes = {s.values.dtype for s in sparses}
-    # One value buffer: as sent when the dtypes agree, else widened to float32 (exact for the wire dtypes,
-    # and the rounding torch's reference applies to anything wider).
-    value_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    if value_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        value_dtype = torch.float32
-    values = torch.cat([s.values.to(value_dtype) for s in sparses]).to(device)
-    args = (flat, offsets, values, [s.mask.philox_key for s in sparses], broadcast.download_drop,
-            [s.scale for s in sparses])
-    counts = [s.nnz for s in sparses]
-    if choice == "cuda":
-        from ..kernels.download.cuda import seeded_expand_add_cuda
-
-        out = seeded_expand_add_cuda(*args, counts=counts, names=keys)
-    else:
-        from ..kernels.download.triton import seeded_expand_add_grouped_triton
-
-        out = seeded_expand_add_grouped_triton(*args, counts=counts, names=keys)
-    return {key: out[a:b].view(old.shape) for key, old, a, b in zip(keys, olds, offsets, offsets[1:])}
-
-
