@@ -3,6 +3,7 @@
     python benchmarks/server.py            # reduced Llama-3.2-3B shapes on CPU, full shapes on a GPU
     python benchmarks/server.py --full     # full shapes wherever it runs
     python benchmarks/server.py --json benchmarks/results/server_cpu.json
+    python benchmarks/server.py --square 1024 --pairs 4 --rank 16 --clients 8   # the server check's shapes
 
 Per client count it prints the time per round of each path (median of --repeats),
 the speed-up over the plain path, and the relative Frobenius error of the moved
@@ -31,6 +32,11 @@ from plain import plain_server_pair  # noqa: E402
 import fedsrd_kernels as fk  # noqa: E402
 from fedsrd_kernels import oracle  # noqa: E402
 from fedsrd_kernels.server.decompose import scheduled_factor  # noqa: E402
+
+
+def square_shapes(d: int, pairs: int) -> list[tuple[str, int, int]]:
+    """``pairs`` square d x d layers: the shapes of the server check (d = 1024, 4 pairs)."""
+    return [(f"layers.{i}.q_proj", d, d) for i in range(pairs)]
 
 
 def model_shapes(full: bool) -> tuple[list[tuple[str, int, int]], int]:
@@ -117,22 +123,27 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-max-clients", type=int, default=64, help="skip the dense path above this")
     parser.add_argument("--stream-clients", type=int, default=1000)
+    parser.add_argument("--square", type=int, help="square d x d layers instead of Llama-3.2-3B's")
+    parser.add_argument("--pairs", type=int, default=4, help="with --square: how many layers")
+    parser.add_argument("--rank", type=int, default=16, help="with --square: the LoRA rank")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full = args.full or device.type == "cuda"
-    shapes, rank = model_shapes(full)
+    shapes, rank = (square_shapes(args.square, args.pairs), args.rank) if args.square else model_shapes(full)
     params = sum((o + i) * rank for _, o, i in shapes)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({cpu_model()}, " \
         f"{torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; {'full' if full else 'reduced'} Llama-3.2-3B shapes: "
-          f"{len(shapes)} pairs, r={rank}, {params:,} LoRA parameters")
+    kind = f"{args.square} x {args.square}" if args.square else f"{'full' if full else 'reduced'} Llama-3.2-3B"
+    print(f"device: {name}; torch {torch.__version__}; {kind} shapes: {len(shapes)} pairs, r={rank}, "
+          f"{params:,} LoRA parameters")
     sample = shapes[:7]  # one of each module
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:
         state, updates = make_round(shapes, rank, clients, device)
-        for method, paths in (("fedsrd", ("exact", "randomized", "reference")), ("fedsrd-e", ("delta", "reference"))):
+        for method, paths in (("fedsrd", ("auto", "exact", "randomized", "reference")),
+                              ("fedsrd-e", ("delta", "reference"))):
             truncate = method == "fedsrd"
             plain_s = None
             if clients <= args.plain_max_clients:
