@@ -12,6 +12,7 @@ The paper counts 4 bytes per value plus a 1-bit-per-element bitmap, in MiB
 
     python benchmarks/comm.py           # full model (~1 min, ~3 GB of memory)
     python benchmarks/comm.py --small   # 2 layers
+    python benchmarks/comm.py --layers 1  # 1 layer (the GPU run's dry run, benchmarks/gpu/run.py)
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def measure(obj) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="2 layers instead of 28")
+    parser.add_argument("--layers", type=int, default=None, help="this many layers (overrides --small)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    layers = 2 if args.small else LAYERS
+    layers = args.layers or (2 if args.small else LAYERS)
     shapes = lora_shapes(layers)
     params = sum(a * b for a, b in shapes.values())
     assert params == LLAMA_3B_LORA_PARAMS * layers // LAYERS, params

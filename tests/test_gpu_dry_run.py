@@ -1,0 +1,82 @@
+"""benchmarks/gpu/run.sh --dry-run: the GPU run's whole flow on the CPU (tiny shapes, Triton interpreted),
+so that the one command a short GPU lease gets is known to work before the lease starts.
+
+~50 s on the 2-core dev box under load (one process per benchmark, each importing torch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["wheels", "env", "build", "gpu-tests", "sanitizer-cuda-ops", "bench_cuda", "bench_sparsify",
+         "bench_download", "bench_reconstruct", "server", "device-tests", "sanitizer-triton", "comm", "bench_client"]
+NEED_GPU = {"build", "sanitizer-cuda-ops", "device-tests", "sanitizer-triton"}
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "benchmarks" / "gpu" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_writes_the_report(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(out), "--dry-run"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files), files
+    assert {"results.json", "summary.md", "run.log", "bench.log", "tests.log"} <= {f.name for f in files}
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["mode"] == "dry-run"
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == STEPS
+    for name, step in steps.items():
+        if name in NEED_GPU:
+            assert step["status"] == "skipped" and "no GPU" in step["reason"], step
+        elif name != "wheels":
+            assert step["status"] == "ok", (name, step.get("tail"))
+    assert steps["gpu-tests"]["pytest"]["failures"] == 0 and steps["gpu-tests"]["pytest"]["tests"] > 0
+    assert steps["server"]["json"]["rounds"], "server.py's --json figures are merged into the report"
+    assert steps["bench_client"]["json"]["speed_up"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "| step | status | seconds | note |" in summary
+    assert all(f"| {name} |" in summary for name in STEPS)
+
+
+def test_a_failing_or_hanging_step_is_recorded_and_the_run_goes_on(tmp_path):
+    gpu_run = _driver()
+    run = gpu_run.Run(tmp_path, dry=True, budget=60, scratch=tmp_path)
+    failing = gpu_run.Step("fails", "bench.log", 30, [sys.executable, "-c", "print('half'); raise SystemExit(3)"])
+    hanging = gpu_run.Step("hangs", "bench.log", 1, [sys.executable, "-c", "import time; time.sleep(60)"])
+    missing = gpu_run.Step("missing", "bench.log", 5, [str(tmp_path / "no-such-program")])
+    assert run.execute(failing)["status"] == "failed" and run.results[-1]["tail"] == ["half"]
+    assert run.execute(hanging)["status"] == "timeout"
+    assert run.execute(missing)["status"] == "failed"
+    run.budget = 0  # nothing left: the next step is skipped, not started
+    assert run.execute(failing)["status"] == "skipped"
+    assert [r["status"] for r in run.results] == ["failed", "timeout", "failed", "skipped"]
+    log = (tmp_path / "bench.log").read_text()
+    assert "half" in log and "killed after" in log
+
+
+def test_pytest_report_counts(tmp_path):
+    gpu_run = _driver()
+    assert "error" in gpu_run.junit_counts(tmp_path / "absent.xml")
+    (tmp_path / "r.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.t" name="a"/><testcase classname="tests.t" name="b"><failure/></testcase>'
+        '<testcase classname="tests.t" name="c"><skipped/></testcase></testsuite></testsuites>')
+    counts = gpu_run.junit_counts(tmp_path / "r.xml")
+    assert counts["passed"] == 1 and counts["failed_tests"] == ["tests.t::b"]
