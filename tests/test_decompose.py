@@ -95,7 +95,7 @@ def test_memory_budget_chunks_give_the_same_answer():
 
 def test_auto_picks_exact_for_thin_stacks_and_randomized_for_wide_ones():
     gen = torch.Generator().manual_seed(7)
-    g = lora_state([(200, 160), (24, 20)], 2, gen=gen, extra=False)
+    g = lora_state([(200, 160), (24, 15)], 2, gen=gen, extra=False)  # (m+1) r = 8: 2 x 8 > 15
     locals_ = [perturbed(g, 0.05, gen=gen) for _ in range(3)]
     new, want, report = run_round(g, locals_, "fedsrd", "auto", 1)
     assert_matches(new, want)

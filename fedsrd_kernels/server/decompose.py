@@ -12,7 +12,7 @@ project onto is rank-deficient) and runs one path:
                   the simplest correct code, kept as a cross-check
 
 "auto" picks "delta" for FedSRD-e, and for FedSRD "exact" while the bases,
-(m+1) r columns, are at most a quarter of min(d_out, d_in), else "randomized".
+(m+1) r columns, are at most half of min(d_out, d_in), else "randomized".
 """
 
 from __future__ import annotations
@@ -126,7 +126,10 @@ def choose_path(options: DecomposeOptions, clients: int, pair: LoraPair) -> str:
         return options.path
     if not options.truncate:
         return "delta"
-    return "exact" if 4 * (clients + 1) * pair.rank <= min(pair.d_out, pair.d_in) else "randomized"
+    # Half, not a quarter as before the exact path kept its bases implicit: on the reduced
+    # Llama-3.2-3B shapes with 4 clients the k/v pairs (256 x 768, (m+1) r = 80) took 0.38 s
+    # per round on the randomized path against 0.12 s for all pairs exact (2 busy CPU cores).
+    return "exact" if 2 * (clients + 1) * pair.rank <= min(pair.d_out, pair.d_in) else "randomized"
 
 
 def scheduled_factor(round: int) -> str:
