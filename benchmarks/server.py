@@ -39,11 +39,13 @@ def square_shapes(d: int, pairs: int) -> list[tuple[str, int, int]]:
     return [(f"layers.{i}.q_proj", d, d) for i in range(pairs)]
 
 
-def model_shapes(full: bool) -> tuple[list[tuple[str, int, int]], int]:
+def model_shapes(full: bool, layers: int | None = None) -> tuple[list[tuple[str, int, int]], int]:
     dims = dict(LLAMA_3B)
     if not full:  # CPU: every width / 4, 2 of 28 layers, r = 16 instead of 64
         dims = {k: (v // 4 if k in ("hidden", "intermediate", "kv") else v) for k, v in dims.items()}
         dims["layers"], dims["rank"] = 2, 16
+    if layers:  # fewer (or more) layers of the same widths: a short GPU lease cannot run 28 of the dense path
+        dims["layers"] = layers
     return pair_shapes(**dims), dims["rank"]
 
 
@@ -126,19 +128,25 @@ def main(argv=None) -> int:
     parser.add_argument("--square", type=int, help="square d x d layers instead of Llama-3.2-3B's")
     parser.add_argument("--pairs", type=int, default=4, help="with --square: how many layers")
     parser.add_argument("--rank", type=int, default=16, help="with --square: the LoRA rank")
+    parser.add_argument("--layers", type=int, help="Llama-3.2-3B shapes: this many layers (default 28 full, 2 reduced)")
+    parser.add_argument("--sample", type=int, default=7,
+                        help="pairs the float64 oracle checks (default 7: one of each module; its dense SVDs dominate)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full = args.full or device.type == "cuda"
-    shapes, rank = (square_shapes(args.square, args.pairs), args.rank) if args.square else model_shapes(full)
+    if args.square:
+        shapes, rank = square_shapes(args.square, args.pairs), args.rank
+    else:
+        shapes, rank = model_shapes(full, args.layers)
     params = sum((o + i) * rank for _, o, i in shapes)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({cpu_model()}, " \
         f"{torch.get_num_threads()} threads)"
     kind = f"{args.square} x {args.square}" if args.square else f"{'full' if full else 'reduced'} Llama-3.2-3B"
     print(f"device: {name}; torch {torch.__version__}; {kind} shapes: {len(shapes)} pairs, r={rank}, "
           f"{params:,} LoRA parameters")
-    sample = shapes[:7]  # one of each module
+    sample = shapes[:max(1, args.sample)]  # the first 7: one of each module
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:
         state, updates = make_round(shapes, rank, clients, device)
@@ -195,7 +203,8 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                          "command": "python " + " ".join(sys.argv), "full_shapes": full,
-                                         "pairs": len(shapes), "rank": rank, "rounds": rows, "stream": stream_rows},
+                                         "pairs": len(shapes), "rank": rank, "oracle_pairs": len(sample),
+                                         "rounds": rows, "stream": stream_rows},
                                         indent=1))
     return 0
 
