@@ -121,7 +121,8 @@ class SparsifyConfig:
         check_probability("base", self.base, allow_one=True)
         for name in ("coeff", "upper"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0.0):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0.0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.base + self.upper > 1.0:
             raise ConfigError(

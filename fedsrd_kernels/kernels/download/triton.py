@@ -92,6 +92,24 @@ def _block_keep(key, start, numel, threshold, COUNTERS: tl.constexpr):
 
 
 @triton.jit
+def _block_slots(keys_ptr, numels_ptr, block_tensor_ptr, block_start_ptr, block_slot_ptr, threshold,
+                 COUNTERS: tl.constexpr):
+    """This program's block: (tensor, keep flags, element indices, in-range flags, output slot per element).
+
+    The compaction (server) and the expand-add (client) walk the same blocks and give
+    each kept element the same slot: the block's first slot (from the count pass) plus
+    the number of kept elements before it in the block.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_start_ptr + pid)
+    keep, local, in_range = _block_keep(tl.load(keys_ptr + t), start, tl.load(numels_ptr + t), threshold, COUNTERS)
+    flags = keep.to(tl.int32)
+    slot = tl.load(block_slot_ptr + pid) + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+    return t, keep, local, in_range, slot
+
+
+@triton.jit
 def _count_kept_kernel(
     keys_ptr, numels_ptr, block_tensor_ptr, block_start_ptr, counts_ptr, threshold, COUNTERS: tl.constexpr
 ):
@@ -118,14 +136,8 @@ def _compact_kernel(
     threshold,
     COUNTERS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    start = tl.load(block_start_ptr + pid)
-    key = tl.load(keys_ptr + t)
-    numel = tl.load(numels_ptr + t)
-    keep, local, _ = _block_keep(key, start, numel, threshold, COUNTERS)
-    flags = keep.to(tl.int32)
-    slot = tl.load(block_slot_ptr + pid) + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+    t, keep, local, _, slot = _block_slots(keys_ptr, numels_ptr, block_tensor_ptr, block_start_ptr, block_slot_ptr,
+                                           threshold, COUNTERS)
     # Masked on keep: at drop 0.8 a 32-byte sector of float32 is skipped with p = 0.8**8.
     x = tl.load(src_ptr + tl.load(offsets_ptr + t) + local, mask=keep)
     # torch converts float64 to a 16-bit float through float32 (two roundings): same here.
@@ -149,15 +161,9 @@ def _expand_add_kernel(
     threshold,
     COUNTERS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    start = tl.load(block_start_ptr + pid)
-    key = tl.load(keys_ptr + t)
-    numel = tl.load(numels_ptr + t)
+    t, keep, local, in_range, slot = _block_slots(keys_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
+                                                  block_slot_ptr, threshold, COUNTERS)
     scale = tl.load(scales_ptr + t)
-    keep, local, in_range = _block_keep(key, start, numel, threshold, COUNTERS)
-    flags = keep.to(tl.int32)
-    slot = tl.load(block_slot_ptr + pid) + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
     where = tl.load(offsets_ptr + t) + local
     factor = tl.load(factor_ptr + where, mask=in_range)
     # The block's values are one contiguous slice: the gather stays within a few cache lines.
