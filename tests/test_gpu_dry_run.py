@@ -2,6 +2,8 @@
 so that the one command a short GPU lease gets is known to work before the lease starts.
 
 ~50 s on the 2-core dev box under load (one process per benchmark, each importing torch).
+The other tests here check the driver's bookkeeping (a failing, hanging or missing step; the budget)
+in a second.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["wheels", "env", "build", "gpu-tests", "sanitizer-cuda-ops", "bench_cuda", "bench_sparsify",
@@ -27,6 +31,7 @@ def _driver():
     return module
 
 
+@pytest.mark.slow  # ~50 s: still in CI (.ci/run runs the whole suite), out of the fast tier (pyproject.toml)
 def test_dry_run_writes_the_report(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable)
@@ -80,3 +85,17 @@ def test_pytest_report_counts(tmp_path):
         '<testcase classname="tests.t" name="c"><skipped/></testcase></testsuite></testsuites>')
     counts = gpu_run.junit_counts(tmp_path / "r.xml")
     assert counts["passed"] == 1 and counts["failed_tests"] == ["tests.t::b"]
+
+
+def test_wheels_unzip_fallback(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("demo_pkg/__init__.py", "VALUE = 42\n")
+    site = tmp_path / "site"
+    assert "1 wheels" in _driver().unzip_wheels([wheel], site)
+    code = "import demo_pkg; print(demo_pkg.VALUE)"
+    got = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True,
+                         text=True, timeout=60)
+    assert got.stdout.strip() == "42", got.stderr
