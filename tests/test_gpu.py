@@ -15,9 +15,6 @@ so a matrix whose reference has tied scores at its threshold is checked by the t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -26,9 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 pytest.importorskip("triton")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from llama_shapes import LLAMA_3B, MODULES, lora_shapes  # noqa: E402
-
+from benchmarks.llama_shapes import LLAMA_3B, MODULES, lora_shapes  # noqa: E402
 from fedsrd_kernels.kernels._backend import cuda_extension_available  # noqa: E402
 from fedsrd_kernels.kernels.download.reference import mask_key, seeded_keep_indices  # noqa: E402
 from fedsrd_kernels.kernels.download.triton import (  # noqa: E402
