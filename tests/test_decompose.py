@@ -74,9 +74,10 @@ def test_duplicate_clients_and_one_client(method, path):
 
 @pytest.mark.parametrize("method,path", CASES)
 def test_stack_wider_than_the_layer(method, path):
-    """m r > min(d_out, d_in): the bases saturate the space."""
+    """m r > min(d_out, d_in): the bases saturate the space (both sides, or only the
+    6-row side of the 6 x 40 pair, where the other side's basis comes from its Gram)."""
     gen = torch.Generator().manual_seed(4)
-    g = lora_state([(9, 7), (6, 12)], 3, gen=gen)
+    g = lora_state([(9, 7), (6, 12), (6, 40)], 3, gen=gen)
     locals_ = [perturbed(g, 0.05, gen=gen) for _ in range(5)]
     new, want, _ = run_round(g, locals_, method, path, 3)
     assert_matches(new, want)
