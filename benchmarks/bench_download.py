@@ -48,7 +48,15 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_shapes import LLAMA_3B, lora_shapes  # noqa: E402
-from timing import copy_bandwidth, synchronize, time_ms  # noqa: E402,F401  (re-exported to the other scripts)
+from timing import (  # noqa: E402,F401  (time_ms, synchronize: re-exported to the other scripts)
+    copy_bandwidth,
+    json_row,
+    json_table,
+    measure,
+    synchronize,
+    time_ms,
+    write_json,
+)
 
 from fedsrd_kernels.kernels.download.reference import mask_key, seeded_keep_indices  # noqa: E402
 from fedsrd_kernels.kernels.download.triton import (  # noqa: E402
@@ -65,9 +73,10 @@ SMALL = {"hidden": 96, "intermediate": 256, "kv": 32, "layers": 2, "rank": 8}
 SEED, ROUND = 0, 1
 
 
-def report(rows: list[tuple[str, float, float]], baseline_ms: float, peak_gbs: float) -> None:
+def report(rows: list[tuple], baseline_ms: float, peak_gbs: float) -> None:
+    """Rows (name, ms, bytes[, peak GPU MiB]); the peak goes to --json only (the printed table stays as it was)."""
     print(f"  {'path':<28}{'ms':>10}{'speed-up':>10}{'GB/s':>10}{'of copy':>9}")
-    for name, ms, nbytes in rows:
+    for name, ms, nbytes, *_ in rows:
         gbs = nbytes / ms / 1e6
         print(f"  {name:<28}{ms:>10.3f}{baseline_ms / ms:>9.2f}x{gbs:>10.1f}{100 * gbs / peak_gbs:>8.1f}%")
 
@@ -81,7 +90,8 @@ def flat_offsets(tensors: list[torch.Tensor]) -> list[int]:
 
 def bench_factor(
     shapes: dict[str, tuple[int, int]], args: argparse.Namespace, device: torch.device, peak_gbs: float
-) -> None:
+) -> list[dict]:
+    """Prints the server's compaction and the client's expand-add; returns both tables for --json."""
     gen = torch.Generator().manual_seed(0)
     names = list(shapes)
     keys = [mask_key(SEED, ROUND, n) for n in names]
@@ -93,6 +103,10 @@ def bench_factor(
     numel = sum(d.numel() for d in deltas)
     scale = 1.0 / (1.0 - args.drop)
     kw = {"device": device, "warmup": args.warmup, "repeats": args.repeats}
+
+    def timed(fn, nbytes):  # (ms, bytes, peak GPU MiB): a row's figures after its name
+        ms, peak = measure(fn, **kw)
+        return ms, nbytes, peak
 
     # Server: compaction.
     def torch_compact():
@@ -111,22 +125,18 @@ def bench_factor(
         assert torch.equal(indices[lo:hi], kept) and torch.equal(values[lo:hi], vals), "grouped compaction differs"
     nnz = values.numel()
     compact_bytes = numel * deltas[0].element_size() + nnz * (8 + values.element_size())
-    t_torch = time_ms(torch_compact, **kw)
-    rows = [
-        ("torch (CPU mask + gather)", t_torch, compact_bytes),
-        (
-            "triton, per tensor",
-            time_ms(lambda: [dare_compact_triton(d, k, args.drop, value_dtype) for d, k in zip(deltas, keys)], **kw),
-            compact_bytes,
-        ),
-        (
-            "triton, grouped",
-            time_ms(lambda: dare_compact_grouped_triton(flat_delta, offsets, keys, args.drop, value_dtype), **kw),
-            compact_bytes,
-        ),
+    ways = [
+        ("torch (CPU mask + gather)", torch_compact),
+        ("triton, per tensor",
+         lambda: [dare_compact_triton(d, k, args.drop, value_dtype) for d, k in zip(deltas, keys)]),
+        ("triton, grouped", lambda: dare_compact_grouped_triton(flat_delta, offsets, keys, args.drop, value_dtype)),
     ]
+    rows = [(name, *timed(fn, compact_bytes)) for name, fn in ways]
+    t_torch = rows[0][1]
     print(f"server compaction: {len(names)} tensors, {numel:,} elements, {nnz:,} kept")
     report(rows, t_torch, peak_gbs)
+    tables = [json_table("server compaction", rows, t_torch, peak_gbs, baseline=rows[0][0], tensors=len(names),
+                         elements=numel, kept=nnz)]
 
     # Client: expand-add.
     per_tensor_values = [values[lo:hi] for lo, hi in zip(value_offsets, value_offsets[1:])]
@@ -150,31 +160,21 @@ def bench_factor(
     for e, lo, hi in zip(expected, offsets, offsets[1:]):
         assert torch.equal(got[lo:hi].view(e.shape), e), "grouped expand-add differs"
     apply_bytes = 2 * numel * factors[0].element_size() + nnz * values.element_size()
-    t_torch = time_ms(lambda: torch_apply(indices_given=False), **kw)
-    rows = [
-        ("torch (CPU mask + dense add)", t_torch, apply_bytes),
-        ("torch, indices given", time_ms(lambda: torch_apply(indices_given=True), **kw), apply_bytes),
-        (
-            "triton, per tensor",
-            time_ms(
-                lambda: [
-                    seeded_expand_add_triton(f, v, k, args.drop, s)
-                    for f, v, k, s in zip(factors, per_tensor_values, keys, scales)
-                ],
-                **kw,
-            ),
-            apply_bytes,
-        ),
-        (
-            "triton, grouped",
-            time_ms(
-                lambda: seeded_expand_add_grouped_triton(flat_factor, offsets, values, keys, args.drop, scales), **kw
-            ),
-            apply_bytes,
-        ),
+    ways = [
+        ("torch (CPU mask + dense add)", lambda: torch_apply(indices_given=False)),
+        ("torch, indices given", lambda: torch_apply(indices_given=True)),
+        ("triton, per tensor", lambda: [seeded_expand_add_triton(f, v, k, args.drop, s)
+                                        for f, v, k, s in zip(factors, per_tensor_values, keys, scales)]),
+        ("triton, grouped",
+         lambda: seeded_expand_add_grouped_triton(flat_factor, offsets, values, keys, args.drop, scales)),
     ]
+    rows = [(name, *timed(fn, apply_bytes)) for name, fn in ways]
+    t_torch = rows[0][1]
     print(f"client expand-add: factor {args.factor_dtype}, values {args.value_dtype}")
     report(rows, t_torch, peak_gbs)
+    tables.append(json_table("client expand-add (fused apply)", rows, t_torch, peak_gbs, baseline=rows[0][0],
+                             factor_dtype=args.factor_dtype, value_dtype=args.value_dtype))
+    return tables
 
 
 # A subprocess with another checkout's package on sys.path: decode and apply of the same bytes, as that code ran.
@@ -277,6 +277,52 @@ def _wire_round(state: dict, shapes: dict, round_: int, args: argparse.Namespace
     return row
 
 
+def _wire_update(shapes: dict[str, tuple[int, int]], args: argparse.Namespace, gen: torch.Generator) -> dict:
+    """A client's whole upload through encode and decode: ``fk.sparsify`` of a local adapter that moved from the
+    global one (its kept positions are the importance rule's, so the position gaps, and the bytes, are the real
+    ones), then the wire both ways."""
+    import time
+
+    import fedsrd_kernels as fk
+
+    glob = {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
+    local = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in glob.items()}
+    start = time.perf_counter()
+    update = fk.sparsify(local, glob, backend="torch")
+    sparsify_s = time.perf_counter() - start
+    del local, glob
+    payload = fk.encode(update)
+    back = fk.decode(payload)
+    assert all(torch.equal(back.deltas[k].indices, s.indices) and torch.equal(back.deltas[k].values, s.values)
+               for k, s in update.deltas.items()), "the update does not survive encode + decode"
+    numel, nnz = sum(s.numel for s in update.deltas.values()), sum(s.nnz for s in update.deltas.values())
+    return {"keys": len(update.deltas), "elements": numel, "kept": nnz, "payload_mib": len(payload) / 2**20,
+            "sparsify_torch_s": sparsify_s,
+            "encode_s": _median_s(lambda: fk.encode(update), args.repeats),
+            "decode_s": _median_s(lambda: fk.decode(payload), args.repeats)}
+
+
+def wire_tables(rounds: dict, update: dict, copy_gbs: float) -> list[dict]:
+    """The --wire figures as the shared --json tables: bytes = the payload; each lazy row's speed-up is over its
+    eager (old-code) counterpart, encode and the update have none; no GPU memory on this CPU path."""
+    tables = []
+    for title, row in rounds.items():
+        nbytes = row["payload_mib"] * 2**20
+        ways = [("encode", "encode_s", None), ("decode (lazy)", "decode_lazy_s", "decode_eager_s"),
+                ("decode + every mask (old)", "decode_eager_s", "decode_eager_s"),
+                ("decode + apply, lazy", "decode_apply_lazy_s", "decode_apply_eager_s"),
+                ("decode + apply, eager (old)", "decode_apply_eager_s", "decode_apply_eager_s")]
+        rows = [json_row(label, 1e3 * row[key]["wall"], nbytes, copy_gbs,
+                         1e3 * row[base]["wall"] if base else None, None) for label, key, base in ways]
+        tables.append({"title": f"broadcast {title}, CPU", "baseline": "the eager (old) decode", "rows": rows,
+                       "elements": row["elements"], "kept": row["kept"]})
+    nbytes = update["payload_mib"] * 2**20
+    tables.append(json_table("client update, CPU", [("encode", 1e3 * update["encode_s"]["wall"], nbytes),
+                                                    ("decode", 1e3 * update["decode_s"]["wall"], nbytes)], None,
+                             copy_gbs, baseline=None, elements=update["elements"], kept=update["kept"]))
+    return tables
+
+
 def bench_wire(shapes: dict[str, tuple[int, int]], args: argparse.Namespace) -> dict:
     """decode and apply of the round's Broadcast on the CPU: lazy seeded positions vs the eager draws."""
     gen = torch.Generator().manual_seed(0)
@@ -302,7 +348,14 @@ def bench_wire(shapes: dict[str, tuple[int, int]], args: argparse.Namespace) -> 
             print(f"  baseline checkout ({base['package']}):")
             for name in ("encode_s", "decode_s", "apply_s", "decode_apply_s"):
                 print(f"    {name:<48}{base[name]['wall']:8.3f}{base[name]['cpu']:8.3f}")
-    return out
+    del state
+    update = _wire_update(shapes, args, gen)
+    print(f"\n== a client's update: {update['keys']} keys, {update['elements']:,} elements, {update['kept']:,} kept "
+          f"(fk.sparsify, {update['sparsify_torch_s']:.2f} s), payload {update['payload_mib']:.1f} MiB ==")
+    print(f"  {'':<50}{'wall s':>8}{'CPU s':>8}")
+    for name, label in (("encode_s", "encode"), ("decode_s", "decode")):
+        print(f"  {label:<50}{update[name]['wall']:8.3f}{update[name]['cpu']:8.3f}")
+    return out, update
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,10 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
     parser.add_argument("--wire", action="store_true", help="decode + apply of the full Broadcast on the CPU")
     parser.add_argument("--baseline-checkout", help="--wire: also time another checkout's decode and apply")
-    parser.add_argument("--json", help="--wire: write the raw figures to this file")
+    parser.add_argument("--json", help="write the figures to this file (the kernel tables, or --wire's)")
     args = parser.parse_args(argv)
     if args.wire:
-        import json
         import platform
 
         args.repeats = args.repeats if args.repeats is not None else 3
@@ -328,11 +380,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
               f"torch {torch.__version__}; dims {dims}; drop {args.drop}; values {args.value_dtype}; "
               f"median of {args.repeats}")
-        rows = bench_wire(lora_shapes(**dims), args)
+        rows, update = bench_wire(lora_shapes(**dims), args)
         if args.json:
-            Path(args.json).write_text(json.dumps({"dims": dims, "drop": args.drop, "value_dtype": args.value_dtype,
-                                                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                                   "repeats": args.repeats, "rounds": rows}, indent=2) + "\n")
+            cpu = torch.device("cpu")
+            copy_gbs = copy_bandwidth(cpu, 64 if args.small else 256, 3)  # the CPU's, as this path runs there
+            shapes = lora_shapes(**dims)
+            write_json(args.json, "bench_download --wire", cpu, copy_gbs, wire_tables(rows, update, copy_gbs),
+                       dims=dims, parameters=sum(r * c for r, c in shapes.values()),
+                       drop=args.drop, value_dtype=args.value_dtype, threads=torch.get_num_threads(),
+                       repeats=args.repeats, rounds=rows, update=update)
         return
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -343,9 +399,17 @@ def main(argv: list[str] | None = None) -> None:
     peak = copy_bandwidth(device, 1024 if on_cuda else 64, args.repeats)
     where = torch.cuda.get_device_name(device) if on_cuda else "CPU (Triton interpreted: not kernel speed)"
     print(f"device: {where}; copy bandwidth {peak:.1f} GB/s; dims {dims}; drop {args.drop}")
+    tables = []
     for factor, round_kind in (("B", "odd rounds"), ("A", "even rounds")):
         print(f"\n== lora_{factor} ({round_kind}) ==")
-        bench_factor({k: s for k, s in shapes.items() if k.endswith(f"lora_{factor}.weight")}, args, device, peak)
+        for table in bench_factor({k: s for k, s in shapes.items() if k.endswith(f"lora_{factor}.weight")}, args,
+                                  device, peak):
+            tables.append({**table, "title": f"lora_{factor}: {table['title']}"})
+    if args.json:
+        write_json(args.json, "bench_download", device, peak, tables, dims=dims,
+                   parameters=sum(r * c for r, c in shapes.values()), drop=args.drop,
+                   source_dtype=args.source_dtype, value_dtype=args.value_dtype, factor_dtype=args.factor_dtype,
+                   warmup=args.warmup, repeats=args.repeats)
 
 
 if __name__ == "__main__":
