@@ -17,6 +17,7 @@ Needs a CUDA device (prints why and exits otherwise); the CUDA column needs the 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,19 +30,23 @@ SEED, ROUND = 0, 1
 
 
 def _bench(rows, name, fn, nbytes, kw):
-    from bench_download import time_ms
+    from timing import measure
 
-    rows.append((name, time_ms(fn, **kw), nbytes))
+    ms, peak = measure(fn, **kw)
+    rows.append((name, ms, nbytes, peak))
 
 
-def _print(title: str, rows, peak_gbs: float) -> None:
+def _print(title: str, rows, peak_gbs: float, tables: list[dict]) -> None:
+    """Prints the table and keeps it for --json (speed-ups over its first row, as printed)."""
     from bench_download import report
+    from timing import json_table
 
     print(f"\n{title}")
     report(rows, rows[0][1], peak_gbs)
+    tables.append(json_table(title, rows, rows[0][1], peak_gbs, baseline=rows[0][0]))
 
 
-def bench_seeded(shapes, args, device, peak_gbs, have_cuda) -> None:
+def bench_seeded(shapes, args, device, peak_gbs, have_cuda) -> list[dict]:
     from fedsrd_kernels.kernels.download import cuda as cuda_ops
     from fedsrd_kernels.kernels.download.reference import mask_key, seeded_keep_indices
     from fedsrd_kernels.kernels.download.triton import dare_compact_grouped_triton, seeded_expand_add_grouped_triton
@@ -73,7 +78,8 @@ def bench_seeded(shapes, args, device, peak_gbs, have_cuda) -> None:
         assert torch.equal(mine[0], indices) and torch.equal(mine[1], values), "CUDA compaction differs from Triton"
         _bench(rows, "cuda (grouped)", lambda: cuda_ops.dare_compact_cuda(flat, offsets, keys, drop), compact_bytes,
                kw)
-    _print(f"seeded compaction (server download), drop {drop}", rows, peak_gbs)
+    tables: list[dict] = []
+    _print(f"seeded compaction (server download), drop {drop}", rows, peak_gbs, tables)
 
     rows = []
     _bench(rows, "triton (grouped)",
@@ -84,16 +90,21 @@ def bench_seeded(shapes, args, device, peak_gbs, have_cuda) -> None:
         assert torch.equal(got, want), "CUDA expand-add differs from Triton"
         _bench(rows, "cuda (grouped)",
                lambda: cuda_ops.seeded_expand_add_cuda(factor, offsets, values, keys, drop, scales), expand_bytes, kw)
-    _print("seeded expand-add (client apply)", rows, peak_gbs)
+    _print("seeded expand-add (client apply)", rows, peak_gbs, tables)
+    return tables
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drop", type=float, default=0.8, help="download drop rate")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="also write the figures here (per way: ms, GB/s, speed-up, peak GPU MiB)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device here; this benchmark times GPU kernels only.")
+        if args.json:  # a file saying so, that a reader of the merged report needs no log for
+            Path(args.json).write_text(json.dumps({"benchmark": "bench_cuda", "device": None, "skipped": "no CUDA",
+                                                   "tables": []}) + "\n")
         return
 
     from bench_download import copy_bandwidth
@@ -108,7 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     peak = copy_bandwidth(device, 1024, 10)
     print(f"copy bandwidth (read + write): {peak:.0f} GB/s")
     shapes = lora_shapes(**LLAMA_3B)
-    bench_seeded(shapes, args, device, peak, have_cuda)
+    tables = bench_seeded(shapes, args, device, peak, have_cuda)
+    if args.json:
+        from timing import write_json
+
+        write_json(args.json, "bench_cuda", device, peak, tables, shapes="Llama-3.2-3B r=64 (llama_shapes.LLAMA_3B)",
+                   parameters=sum(r * c for r, c in shapes.values()), matrices=len(shapes), drop=args.drop,
+                   repeats=args.repeats, cuda_extension=info["cuda_extension_status"])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_download import FULL, SMALL, copy_bandwidth, lora_shapes, report, time_ms  # noqa: E402  (sets TRITON_INTERPRET)
+from bench_download import FULL, SMALL, copy_bandwidth, lora_shapes, report  # noqa: E402  (sets TRITON_INTERPRET)
+from timing import json_table, measure, write_json  # noqa: E402
 
 from fedsrd_kernels.kernels.reconstruct.reference import stack_client_factors  # noqa: E402
 from fedsrd_kernels.kernels.reconstruct.triton import stack_client_factors_triton  # noqa: E402
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-base", action="store_true", help="include_base=False (the delta form)")
     parser.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
+    parser.add_argument("--json", help="also write the figures here (per way: ms, GB/s, speed-up, peak GPU MiB)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -85,10 +87,18 @@ def main(argv: list[str] | None = None) -> None:
         + nnz * (8 + torch.empty((), dtype=value_dtype).element_size())  # read the (index, value) pairs
         + 2 * nnz * out_size  # read-modify-write of the touched positions
     )
-    t_torch = time_ms(lambda: run(stack_client_factors), device, warmup, repeats)
-    t_triton = time_ms(lambda: run(stack_client_factors_triton), device, warmup, repeats)
+    t_torch, m_torch = measure(lambda: run(stack_client_factors), device, warmup, repeats)
+    t_triton, m_triton = measure(lambda: run(stack_client_factors_triton), device, warmup, repeats)
     print(f"{len(shapes)} factors, {numel:,} elements, {m} x {nnz // m:,} uploaded values per client")
-    report([("torch reference", t_torch, nbytes), ("triton", t_triton, nbytes)], t_torch, peak)
+    rows = [("torch reference", t_torch, nbytes, m_torch), ("triton", t_triton, nbytes, m_triton)]
+    report(rows, t_torch, peak)
+    if args.json:
+        title = f"stack client factors, {m} clients, density {args.density}"
+        write_json(args.json, "bench_reconstruct", device, peak,
+                   [json_table(title, rows, t_torch, peak, baseline=rows[0][0])], dims=dims, parameters=numel,
+                   factors=len(shapes), clients=m, uploaded_values=nnz, density=args.density,
+                   value_dtype=args.value_dtype, dtype=args.dtype, include_base=not args.no_base, warmup=warmup,
+                   repeats=repeats)
 
 
 if __name__ == "__main__":
