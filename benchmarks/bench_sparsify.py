@@ -34,7 +34,7 @@ from fedsrd_kernels.kernels.sparsify.reference import importance, keep_count, pe
 from fedsrd_kernels.kernels.sparsify.triton import SparsifyPipeline, sparsify_grouped_triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import copy_bandwidth, synchronize, time_ms  # noqa: E402
+from timing import copy_bandwidth, json_row, measure, synchronize, write_json  # noqa: E402
 
 LLAMA_3B = {"hidden": 3072, "intermediate": 8192, "kv": 1024, "layers": 28, "rank": 64}
 SMALL = {"hidden": 96, "intermediate": 160, "kv": 32, "layers": 1, "rank": 8}
@@ -54,6 +54,37 @@ def lora_pairs(dims: dict[str, int], device: torch.device, generator: torch.Gene
             b_new = b_prev + 1e-3 * torch.randn(d_out, r, generator=generator)
             pairs.append(tuple(t.to(device) for t in (a_prev, b_prev, a_new, b_new)))
     return pairs
+
+
+# ----------------------------------------------------------------------------- the plain (authors') way
+def plain_step(pairs, config: SparsifyConfig):
+    """The authors' per-matrix recipe (benchmarks/bench_client.py's, on the pairs' device): eq. 6 scores, the
+    kurtosis of a CPU copy (scipy, as their code; numpy's same formula where scipy is missing), torch.quantile
+    for the threshold, ``scores >= threshold`` as the mask, the L1 rescale."""
+    out = []
+    for a_prev, b_prev, a_new, b_new in pairs:
+        d_a, d_b = a_new - a_prev, b_new - b_prev
+        score_a = d_a.abs() * torch.linalg.vector_norm(b_new, dim=0)[:, None]
+        score_b = d_b.abs() * torch.linalg.vector_norm(a_prev, dim=1)[None, :]
+        for delta, scores in ((d_a, score_a), (d_b, score_b)):
+            kappa = _kurtosis(scores.flatten().cpu().numpy())
+            rho = config.base + min(config.upper, config.coeff * math.log(max(kappa, 1.0)))
+            threshold = torch.quantile(scores.flatten(), rho)
+            mask = scores >= threshold
+            scale = float(delta.abs().sum() / (delta * mask).abs().sum())
+            flat_mask = mask.flatten()
+            out.append((flat_mask.nonzero().flatten(), delta.flatten()[flat_mask], scale))
+    return out
+
+
+def _kurtosis(values) -> float:
+    try:
+        from scipy.stats import kurtosis
+    except ImportError:  # the GPU machine may lack scipy: Pearson's kurtosis, m4 / m2^2, in float64
+        centred = values.astype("float64") - values.mean(dtype="float64")
+        m2 = (centred**2).mean()
+        return float((centred**4).mean() / (m2 * m2))
+    return float(kurtosis(values, fisher=False))
 
 
 # ----------------------------------------------------------------------------- torch reference, by phase
@@ -147,6 +178,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="one reduced layer (for CPU / the interpreter)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plain-layers", type=int, default=1,
+                        help="layers the plain (authors') way is timed on, scaled to the model (0: not timed)")
+    parser.add_argument("--json", help="also write the figures here (per way: ms, GB/s, speed-up, peak GPU MiB)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dims = SMALL if args.small else LLAMA_3B
@@ -167,8 +201,14 @@ def main() -> None:
     print(f"agreement: keep counts {same_count}/{len(want)} matrices, positions {same_pos}/{len(want)}")
 
     copy_bw = copy_bandwidth(device, 1024 if device.type == "cuda" else 128, repeat) * 1e9  # bytes/s
-    t_whole_torch = time_ms(lambda: torch_step(pairs, config), device, warmup=1, repeats=repeat) / 1e3
-    t_whole_triton = time_ms(lambda: sparsify_grouped_triton(pairs), device, warmup=1, repeats=repeat) / 1e3
+    t_whole_torch, peak_torch = measure(lambda: torch_step(pairs, config), device, warmup=1, repeats=repeat)
+    t_whole_triton, peak_triton = measure(lambda: sparsify_grouped_triton(pairs), device, warmup=1, repeats=repeat)
+    t_whole_torch, t_whole_triton = t_whole_torch / 1e3, t_whole_triton / 1e3
+    plain_layers = min(args.plain_layers, dims["layers"])
+    if plain_layers:  # its per-matrix host round trips make the whole model too slow for a lease: a few layers
+        few = pairs[: plain_layers * len(pairs) // dims["layers"]]
+        t_plain, peak_plain = measure(lambda: plain_step(few, config), device, warmup=1, repeats=repeat)
+        t_plain = t_plain / 1e3 * dims["layers"] / plain_layers
     runs_torch = [torch_phases(pairs, config, device) for _ in range(repeat)]
     runs_triton = [triton_phases(pairs, config, device) for _ in range(repeat)]
     med_torch = {k: statistics.median(r[k] for r in runs_torch) for k in PHASES}
@@ -185,6 +225,30 @@ def main() -> None:
         print(f"{name:<10}{1e3 * t_ref:>12.3f}{1e3 * t_tri:>12.3f}{t_ref / t_tri:>9.2f}x{gbs:>13}{pct:>11}")
     print(f"triton host planning (tables, one upload) {1e3 * med_triton['plan']:.3f} ms; "
           f"final sync and split {1e3 * med_triton['result']:.3f} ms; both are inside 'whole'")
+    if plain_layers:
+        print(f"plain (authors': CPU kurtosis + torch.quantile, per matrix): {1e3 * t_plain:.3f} ms for the whole "
+              f"model ({plain_layers} of {dims['layers']} layers timed, scaled); triton {t_plain / t_whole_triton:.1f}x"
+              f", torch loop {t_plain / t_whole_torch:.1f}x faster")
+    if args.json:
+        copy_gbs, whole_bytes = copy_bw / 1e9, sum(nbytes.values())
+        base = 1e3 * (t_plain if plain_layers else t_whole_torch)
+        whole = [json_row("torch loop (client.sparsify_matrix)", 1e3 * t_whole_torch, whole_bytes, copy_gbs, base,
+                          peak_torch),
+                 json_row("triton (grouped)", 1e3 * t_whole_triton, whole_bytes, copy_gbs, base, peak_triton)]
+        if plain_layers:
+            whole.insert(0, json_row(f"plain (authors'; {plain_layers} of {dims['layers']} layers, scaled)",
+                                     1e3 * t_plain, whole_bytes, copy_gbs, base, peak_plain))
+        phases = []  # each phase's Triton speed-up over the torch loop's same phase; no per-phase memory
+        for k in PHASES:
+            phases.append(json_row(f"{k}: torch", 1e3 * med_torch[k], nbytes[k], copy_gbs, 1e3 * med_torch[k], None))
+            phases.append(json_row(f"{k}: triton", 1e3 * med_triton[k], nbytes[k], copy_gbs, 1e3 * med_torch[k],
+                                   None))
+        tables = [{"title": "client sparsify, whole model", "rows": whole,
+                   "baseline": whole[0]["way"]},
+                  {"title": "client sparsify, by phase", "rows": phases, "baseline": "the torch loop's same phase"}]
+        write_json(args.json, "bench_sparsify", device, copy_gbs, tables, dims=dims, parameters=n,
+                   matrices=2 * len(pairs), repeats=repeat, kept=int(ours.offsets[-1]),
+                   agreement={"keep_counts": [same_count, len(want)], "positions": [same_pos, len(want)]})
 
 
 if __name__ == "__main__":
