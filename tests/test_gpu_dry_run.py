@@ -1,7 +1,7 @@
 """benchmarks/gpu/run.sh --dry-run: the GPU run's whole flow on the CPU (tiny shapes, Triton interpreted),
 so that the one command a short GPU lease gets is known to work before the lease starts.
 
-~50 s on the 2-core dev box under load (one process per benchmark, each importing torch).
+~55 s on the 2-core dev box under load (one process per benchmark, each importing torch).
 The other tests here check the driver's bookkeeping (a failing, hanging or missing step; the budget)
 in a second.
 """
@@ -19,7 +19,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["wheels", "env", "build", "gpu-tests", "sanitizer-cuda-ops", "bench_cuda", "bench_sparsify",
-         "bench_download", "bench_reconstruct", "server", "device-tests", "sanitizer-triton", "comm", "bench_client"]
+         "bench_download", "bench_reconstruct", "server", "device-tests", "sanitizer-triton", "comm", "bench_client",
+         "bench_wire"]
+# The benchmarks writing timing.write_json's tables: each way's median ms, bytes, GB/s, the copy bandwidth of the
+# same run and the fraction of it, speed-up, peak GPU MiB (None on the CPU).
+TABLE_STEPS = ["bench_sparsify", "bench_download", "bench_reconstruct", "bench_wire"]
+ROW_KEYS = {"way", "ms", "bytes", "gbs", "copy_gbs", "of_copy", "speed_up", "peak_mib"}
 NEED_GPU = {"build", "sanitizer-cuda-ops", "device-tests", "sanitizer-triton"}
 
 
@@ -55,9 +60,30 @@ def test_dry_run_writes_the_report(tmp_path):
     assert steps["gpu-tests"]["pytest"]["failures"] == 0 and steps["gpu-tests"]["pytest"]["tests"] > 0
     assert steps["server"]["json"]["rounds"], "server.py's --json figures are merged into the report"
     assert steps["bench_client"]["json"]["speed_up"] > 0
+    assert steps["bench_cuda"]["json"]["skipped"] == "no CUDA", "bench_cuda's JSON says why it has no figures"
+    for name in TABLE_STEPS:
+        figures = steps[name].get("json")
+        assert figures and figures["device"] == "CPU" and figures["copy_gbs"] > 0, (name, steps[name])
+        rows = [row for table in figures["tables"] for row in table["rows"]]
+        assert rows, name
+        for row in rows:
+            assert set(row) == ROW_KEYS and row["ms"] > 0 and row["peak_mib"] is None, (name, row)
+            assert row["copy_gbs"] == figures["copy_gbs"], (name, row)
+            if row["bytes"]:
+                assert row["of_copy"] == pytest.approx(row["gbs"] / row["copy_gbs"]), (name, row)
+        assert any(row["speed_up"] == 1.0 for row in rows), f"{name}: no baseline row"
+    ways = {name: {row["way"] for t in steps[name]["json"]["tables"] for row in t["rows"]} for name in TABLE_STEPS}
+    assert any(way.startswith("plain (authors'") for way in ways["bench_sparsify"])
+    assert {"torch (CPU mask + dense add)", "triton, grouped"} <= ways["bench_download"]
+    assert {"torch reference", "triton"} <= ways["bench_reconstruct"]
+    titles = [t["title"] for t in steps["bench_wire"]["json"]["tables"]]
+    assert "client update, CPU" in titles and sum(t.startswith("broadcast") for t in titles) == 2, titles
     summary = (out / "summary.md").read_text()
     assert "| step | status | seconds | note |" in summary
     assert all(f"| {name} |" in summary for name in STEPS)
+    # One figures table per benchmark (server and bench_client have their own columns).
+    assert summary.count("| part | way | ms | GB/s | % of copy | speed-up | peak MiB |") == len(TABLE_STEPS)
+    assert "| client update, CPU | encode |" in summary and "| method | clients | path | ms/round |" in summary
 
 
 def test_a_failing_or_hanging_step_is_recorded_and_the_run_goes_on(tmp_path):
@@ -74,6 +100,18 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_run_goes_on(tmp_path):
     assert [r["status"] for r in run.results] == ["failed", "timeout", "failed", "skipped"]
     log = (tmp_path / "bench.log").read_text()
     assert "half" in log and "killed after" in log
+
+
+def test_summary_renders_the_figures_tables():
+    gpu_run = _driver()
+    row = {"way": "triton", "ms": 2.0, "bytes": 8e9, "gbs": 4000.0, "copy_gbs": 4000.0, "of_copy": 1.0,
+           "speed_up": 3.0, "peak_mib": 512.4}
+    data = {"device": "H200", "copy_gbs": 4000.0, "tables": [{"title": "apply", "baseline": "torch", "rows": [row]}]}
+    lines = gpu_run.json_markdown(data)
+    assert lines[-1] == "| apply (vs torch) | triton | 2.000 | 4000.0 | 100.0% | 3.00x | 512 |", lines
+    broken = {"device": "H200", "tables": [{"title": "apply", "rows": [{"way": "x"}]}]}
+    assert "not rendered" in gpu_run.json_markdown(broken)[0]  # a missing figure does not lose the report
+    assert gpu_run.json_markdown(None) == [] and gpu_run.json_markdown({"skipped": "no CUDA", "tables": []}) == []
 
 
 def test_pytest_report_counts(tmp_path):

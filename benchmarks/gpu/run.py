@@ -131,7 +131,8 @@ class Run:
             return self.skip(step, f"out of time: {self.left():.0f} s of the {self.budget:.0f} s budget left")
         timeout = min(step.timeout, left)
         # The interpreter's path says nothing to a reader; the env probe's source would flood the log.
-        cmd = " ".join(step.argv).replace(PY, "python").replace(ENV_PROBE, "<env probe>")
+        cmd = " ".join(step.argv).replace(PY, "python").replace(ENV_PROBE, "<env probe>").replace(
+            str(self.scratch), "<scratch>")  # the scratch folder is gone when the report is read
         self.say(f"{step.name}: {cmd}  (timeout {timeout:.0f} s)")
         lines: list[str] = []
         began = time.monotonic()
@@ -229,13 +230,20 @@ def unzip_wheels(wheels: list[Path], site: Path) -> str:
 def benchmark_steps(gpu: bool, scratch: Path) -> list[Step]:
     """Each benchmark's command: full shapes on the GPU, the tiny CPU shapes otherwise."""
     b = "benchmarks"
-    server_json, client_json = str(scratch / "server.json"), str(scratch / "client.json")
+    # Every benchmark writes its figures to a scratch --json file, merged into results.json and summary.md.
+    js = {name: str(scratch / f"{name}.json") for name in ("server", "client", "cuda", "sparsify", "download",
+                                                            "reconstruct", "wire")}
+    server_json, client_json = js["server"], js["client"]
     if gpu:
         specs = [
-            ("bench_cuda", [f"{b}/bench_cuda.py", "--repeats", "10"], 60, None),
-            ("bench_sparsify", [f"{b}/bench_sparsify.py", "--repeat", "5"], 75, None),
-            ("bench_download", [f"{b}/bench_download.py", "--warmup", "1", "--repeats", "3"], 90, None),
-            ("bench_reconstruct", [f"{b}/bench_reconstruct.py", "--warmup", "2", "--repeats", "5"], 60, None),
+            ("bench_cuda", [f"{b}/bench_cuda.py", "--repeats", "10", "--json", js["cuda"]], 60, js["cuda"]),
+            # The plain way is timed on 1 of the 28 layers and scaled (its host round trip per matrix is slow).
+            ("bench_sparsify", [f"{b}/bench_sparsify.py", "--repeat", "5", "--plain-layers", "1", "--json",
+                                js["sparsify"]], 75, js["sparsify"]),
+            ("bench_download", [f"{b}/bench_download.py", "--warmup", "1", "--repeats", "3", "--json",
+                                js["download"]], 90, js["download"]),
+            ("bench_reconstruct", [f"{b}/bench_reconstruct.py", "--warmup", "2", "--repeats", "5", "--json",
+                                   js["reconstruct"]], 60, js["reconstruct"]),
             # 4 of the 28 layers at full widths: the dense path's 196 SVDs (and the float64 oracle's, on the
             # CPU) per round would not fit the lease; the package's paths scale linearly in layers.
             ("server", [f"{b}/server.py", "--layers", "4", "--sample", "2", "--clients", "4,16", "--repeats", "2",
@@ -246,14 +254,20 @@ def benchmark_steps(gpu: bool, scratch: Path) -> list[Step]:
             ("comm", [f"{b}/comm.py", "--small"], 45, None),
             ("bench_client", [f"{b}/bench_client.py", "--layers", "2", "--repeat", "5", "--json", client_json], 45,
              client_json),
+            # encode / decode of a whole Llama-3.2-3B r=64 client update and of each round's broadcast (+ apply).
+            ("bench_wire", [f"{b}/bench_download.py", "--wire", "--repeats", "2", "--json", js["wire"]], 90,
+             js["wire"]),
         ]
     else:
         specs = [
-            ("bench_cuda", [f"{b}/bench_cuda.py"], 30, None),  # says "no CUDA device" and exits 0
-            ("bench_sparsify", [f"{b}/bench_sparsify.py", "--small", "--repeat", "1"], 60, None),
-            ("bench_download", [f"{b}/bench_download.py", "--small", "--warmup", "0", "--repeats", "1"], 60, None),
-            ("bench_reconstruct", [f"{b}/bench_reconstruct.py", "--small", "--warmup", "0", "--repeats", "1"], 60,
-             None),
+            # bench_cuda says "no CUDA device", writes a JSON saying so, and exits 0.
+            ("bench_cuda", [f"{b}/bench_cuda.py", "--json", js["cuda"]], 30, js["cuda"]),
+            ("bench_sparsify", [f"{b}/bench_sparsify.py", "--small", "--repeat", "1", "--json", js["sparsify"]], 60,
+             js["sparsify"]),
+            ("bench_download", [f"{b}/bench_download.py", "--small", "--warmup", "0", "--repeats", "1", "--json",
+                                js["download"]], 60, js["download"]),
+            ("bench_reconstruct", [f"{b}/bench_reconstruct.py", "--small", "--warmup", "0", "--repeats", "1",
+                                   "--json", js["reconstruct"]], 60, js["reconstruct"]),
             ("server", [f"{b}/server.py", "--square", "64", "--pairs", "2", "--rank", "4", "--clients", "2",
                         "--repeats", "1", "--stream-clients", "4", "--json", server_json], 60, server_json),
         ]
@@ -261,6 +275,8 @@ def benchmark_steps(gpu: bool, scratch: Path) -> list[Step]:
             ("comm", [f"{b}/comm.py", "--layers", "1"], 60, None),
             ("bench_client", [f"{b}/bench_client.py", "--layers", "1", "--rank", "8", "--repeat", "1", "--json",
                               client_json], 60, client_json),
+            ("bench_wire", [f"{b}/bench_download.py", "--wire", "--small", "--repeats", "1", "--json", js["wire"]],
+             60, js["wire"]),
         ]
     return [Step(name, "bench.log", t, [PY, *argv], json_out=j, benchmark=True) for name, argv, t, j in specs], \
         [Step(name, "bench.log", t, [PY, *argv], json_out=j, benchmark=True) for name, argv, t, j in cpu_side]
@@ -436,9 +452,68 @@ def summary(report: dict) -> str:
         lines += ["", "Failing tests:", ""] + [f"- {name}: `{t}`" for name, t in failed]
     for r in report["steps"]:
         if r["status"] != "skipped" and (r.get("log") == "bench.log" or r["status"] != "ok"):
-            lines += ["", f"### {r['name']} ({r['status']})", "", f"`{r.get('command', '')}`", "", "```text",
-                      *r.get("tail", [])[-40:], "```"]
+            lines += ["", f"### {r['name']} ({r['status']})", "", f"`{r.get('command', '')}`"]
+            figures = json_markdown(r.get("json"))
+            if figures and r["status"] == "ok":  # the table says it; the output stays in results.json and bench.log
+                lines += ["", *figures]
+            else:
+                lines += ["", "```text", *r.get("tail", [])[-40:], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _num(value, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+
+def _sci(value) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def json_markdown(data) -> list[str]:
+    """One markdown table of a benchmark's --json figures (what BENCHMARKS.md takes), or [] where there are none.
+
+    The benchmarks that share timing.write_json's shape (tables of rows) give way, ms, GB/s, % of the copy
+    bandwidth measured in the same run, speed-up and peak GPU MiB; server.py and bench_client.py their own."""
+    if not isinstance(data, dict):
+        return []
+    try:
+        if data.get("tables"):
+            copy = data.get("copy_gbs")
+            lines = [f"{data.get('device')}; copy bandwidth {_num(copy, 1)} GB/s (read + write, same run); "
+                     "speed-up over each part's first way unless it names another", "",
+                     "| part | way | ms | GB/s | % of copy | speed-up | peak MiB |",
+                     "|---|---|---:|---:|---:|---:|---:|"]
+            for table in data["tables"]:
+                for i, row in enumerate(table["rows"]):
+                    part = table["title"] if i == 0 else ""
+                    if i == 0 and table.get("baseline") and table["baseline"] != row["way"]:
+                        part += f" (vs {table['baseline']})"
+                    lines.append(f"| {part} | {row['way']} | {_num(row['ms'], 3)} | {_num(row['gbs'], 1)} | "
+                                 f"{_num(row['of_copy'], 1, 100, '%')} | {_num(row['speed_up'], 2, suffix='x')} | "
+                                 f"{_num(row['peak_mib'], 0)} |")
+            return lines
+        if data.get("rounds") and isinstance(data["rounds"], list):  # server.py
+            lines = [f"{data.get('device')}; {data.get('pairs')} pairs, r={data.get('rank')}", "",
+                     "| method | clients | path | ms/round | speed-up | err vs f64 |", "|---|---:|---|---:|---:|---:|"]
+            for row in data["rounds"]:
+                lines.append(f"| {row['method']} | {row['clients']} | {row['path']} | {_num(row['seconds'], 1, 1e3)} "
+                             f"| {_num(row['speedup'], 1, suffix='x')} | {_sci(row['error'])} |")
+            lines += ["", "| stream | clients | ms/round | accumulators MiB | peak MiB |", "|---|---:|---:|---:|---:|"]
+            for row in data.get("stream", []):
+                lines.append(f"| {row['method']} | {row['clients']} | {_num(row['seconds'], 1, 1e3)} | "
+                             f"{_num(row['stream_bytes'], 1, 2**-20)} | {_num(row['peak'], 0, 2**-20)} |")
+            return lines
+        if "ms_per_layer" in data:  # bench_client.py (CPU)
+            lines = [f"{data.get('machine')}, {data.get('threads')} thread(s); {data.get('layers')} layer(s), "
+                     f"r={data.get('rank')}", "", "| way | ms/layer | CPU ms/layer |", "|---|---:|---:|"]
+            for way, ms in data["ms_per_layer"].items():
+                lines.append(f"| {way} | {_num(ms, 1)} | {_num(data['cpu_ms_per_layer'].get(way), 1)} |")
+            lines.append(f"| speed-up | {_num(data['speed_up'], 1, suffix='x')} | "
+                         f"{_num(data['speed_up_cpu'], 1, suffix='x')} |")
+            return lines
+    except (KeyError, TypeError, ValueError) as exc:  # a figure missing must not lose the rest of the report
+        return [f"(figures not rendered: {exc!r}; they are in results.json)"]
+    return []
 
 
 if __name__ == "__main__":
