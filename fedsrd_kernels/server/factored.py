@@ -81,7 +81,7 @@ def whitening_step(gram: torch.Tensor, rtol: float = 1e-12) -> tuple[torch.Tenso
     return inv_norm.unsqueeze(-1) * (evecs * inv_sqrt.unsqueeze(-2)), spread
 
 
-def cholesky_step(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+def cholesky_step(gram: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     """(S, spread bound) with X S orthonormal-or-zero, from the Cholesky factor of the equilibrated Gram.
 
     The fast form of ``whitening_step`` for full-rank X (a Cholesky factor and a
@@ -98,7 +98,7 @@ def cholesky_step(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     equilibrated = equilibrated + torch.diag_embed((~nonzero).to(gram.dtype))  # zero columns: an identity block
     factor, info = torch.linalg.cholesky_ex(equilibrated)
     if bool((info != 0).any()) or gram.numel() == 0:
-        return gram, float("inf")
+        return None, float("inf")
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
     inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
     bound = (torch.linalg.matrix_norm(factor) * torch.linalg.matrix_norm(inverse)) ** 2
@@ -169,15 +169,6 @@ def delta_form_update(b, a, d_b, d_a, p, move: str, rtol: float) -> torch.Tensor
     return proj @ a_bar + (b_pinv @ b_bar) @ a + cross
 
 
-def project_core(q_b, core_delta, q_a, b, a, move: str, rtol: float) -> torch.Tensor:
-    """Moved-factor delta of dW = q_b core_delta q_a^T (eq. 12/13)."""
-    if move == "B":
-        a_pinv, _, _ = gram_pinv(a, "A", rtol)
-        return q_b @ (core_delta @ (mT(q_a) @ a_pinv))
-    b_pinv, _, _ = gram_pinv(b, "B", rtol)
-    return ((b_pinv @ q_b) @ core_delta) @ mT(q_a)
-
-
 def truncate_core(core: torch.Tensor, rank: int) -> torch.Tensor:
     """SVD_r of a small core (..., k, n): the projection onto its top-r left singular vectors.
 
@@ -242,6 +233,26 @@ class Basis:
         return z if self.q is None else z @ self.q
 
 
+def explicit_basis(q: torch.Tensor) -> Basis:
+    """A Basis around an orthonormal(-or-zero) q formed elsewhere (svqb in the randomized and streaming paths)."""
+    basis = Basis.__new__(Basis)
+    basis.x, basis.t, basis.q, basis.form, basis.coords = None, None, q, "explicit", None
+    return basis
+
+
+def project_core(basis_b: Basis, core_delta: torch.Tensor, basis_a: Basis, b, a, move: str,
+                 rtol: float) -> torch.Tensor:
+    """Moved-factor delta of dW = Q_b core_delta Q_a^T (eq. 12/13), the bases applied to thin matrices only.
+
+    move "B": dB = Q_b core_delta (Q_a^T A^+);  move "A": dA = (B^+ Q_b) core_delta Q_a^T.
+    """
+    if move == "B":
+        a_pinv, _, _ = gram_pinv(a, "A", rtol)
+        return basis_b.times(core_delta @ mT(basis_a.left_times(mT(a_pinv))))
+    b_pinv, _, _ = gram_pinv(b, "B", rtol)
+    return mT(basis_a.times(mT(basis_b.left_times(b_pinv) @ core_delta)))
+
+
 def exact_update(b, a, d_b, d_a, p, move: str, rank: int, rtol: float) -> torch.Tensor:
     """FedSRD's moved-factor delta, exact: SVD_r on the core of at most (m+1) r per side.
 
@@ -268,14 +279,7 @@ def exact_update(b, a, d_b, d_a, p, move: str, rank: int, rtol: float) -> torch.
     # Q_b^T W Q_a as one (c x m r) @ (m r x c) product, never m separate c x c products
     core = clients_b.permute(0, 2, 1, 3).reshape(g, clients_b.shape[2], -1) @ clients_a.reshape(
         g, -1, clients_a.shape[3])
-    core_delta = truncate_core(core, rank) - base_core
-    # dW = Q_b core_delta Q_a^T, projected (eq. 12/13) as in project_core, with the bases applied
-    # to thin matrices only
-    if move == "B":
-        a_pinv, _, _ = gram_pinv(a, "A", rtol)
-        return basis_b.times(core_delta @ mT(basis_a.left_times(mT(a_pinv))))
-    b_pinv, _, _ = gram_pinv(b, "B", rtol)
-    return mT(basis_a.times(mT(basis_b.left_times(b_pinv) @ core_delta)))
+    return project_core(basis_b, truncate_core(core, rank) - base_core, basis_a, b, a, move, rtol)
 
 
 def stacked(b, a, d_b, d_a, p) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +328,8 @@ def randomized_update(
     q_a = svqb(torch.cat([mT(a), wt_q], dim=-1))
     core = mT(wt_q) @ q_a  # q_b^T W q_a
     base_core = (mT(q_b) @ b) @ (a @ q_a)
-    delta = project_core(q_b, truncate_core(core, rank) - base_core, q_a, b, a, move, rtol)
+    delta = project_core(explicit_basis(q_b), truncate_core(core, rank) - base_core, explicit_basis(q_a), b, a,
+                         move, rtol)
 
     probe = w_times(gaussian(probes))
     missed = probe - q_b @ (mT(q_b) @ probe)

@@ -31,7 +31,7 @@ from ..kernels.reconstruct.reference import scatter_delta
 from ..lora import LoraPair, StateDict, factor_keys, state_digest
 from ..updates import Broadcast, SparseTensor, SparseUpdate
 from .decompose import plan_moves, projection_rtols, range_generator, scheduled_factor, truncation_rank
-from .factored import gram_pinv, mT, project_core, svqb, truncate_core
+from .factored import explicit_basis, gram_pinv, mT, project_core, svqb, truncate_core
 from .robust import check_weight
 from .rounds import AggregationReport
 
@@ -229,8 +229,9 @@ class RoundStream:
         q_a = svqb(torch.cat([mT(a), mT(coeff)], dim=-1))
         core_delta = truncate_core(coeff @ q_a, rank) - (mT(q_b) @ b) @ (a @ q_a)
         rtol = projection_rtols(group.pairs[0], self._global[group.pairs[0].a_key].dtype, self._rtol)
-        delta_b = project_core(q_b, core_delta, q_a, b, a, "B", rtol["B"])
-        delta_a = project_core(q_b, core_delta, q_a, b, a, "A", rtol["A"])
+        basis_b, basis_a = explicit_basis(q_b), explicit_basis(q_a)
+        delta_b = project_core(basis_b, core_delta, basis_a, b, a, "B", rtol["B"])
+        delta_a = project_core(basis_b, core_delta, basis_a, b, a, "A", rtol["A"])
         missed = t - q_b @ (coeff @ x["phi"])
         norm = torch.linalg.vector_norm(t, dim=(-2, -1)).clamp_min(torch.finfo(WORK_DTYPE).tiny)
         return delta_b, delta_a, torch.linalg.vector_norm(missed, dim=(-2, -1)) / norm
