@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                                                    "tables": []}) + "\n")
         return
 
-    from bench_download import copy_bandwidth
     from llama_shapes import LLAMA_3B, lora_shapes
+    from timing import copy_bandwidth
 
     from fedsrd_kernels.kernels._backend import backend_info, cuda_extension_available
 

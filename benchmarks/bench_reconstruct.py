@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_download import FULL, SMALL, copy_bandwidth, lora_shapes, report  # noqa: E402  (sets TRITON_INTERPRET)
-from timing import json_table, measure, write_json  # noqa: E402
+from bench_download import FULL, SMALL, lora_shapes, report  # noqa: E402  (sets TRITON_INTERPRET)
+from timing import copy_bandwidth, json_table, measure, write_json  # noqa: E402
 
 from fedsrd_kernels.kernels.reconstruct.reference import stack_client_factors  # noqa: E402
 from fedsrd_kernels.kernels.reconstruct.triton import stack_client_factors_triton  # noqa: E402
