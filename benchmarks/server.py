@@ -5,17 +5,23 @@
     python benchmarks/server.py --json benchmarks/results/server_cpu.json
     python benchmarks/server.py --square 1024 --pairs 4 --rank 16 --clients 8   # the server check's shapes
 
-Per client count it prints the time per round of each path (median of --repeats),
-the speed-up over the plain path, and the relative Frobenius error of the moved
-factor's delta against a float64 dense oracle on a sample of layers. Then it
-streams 4 and 1,000 clients and prints the stream's memory.
+Per client count it prints the time per round of each path (median of --repeats;
+CUDA events on a GPU), the speed-up over the plain path, GB/s (the bytes a round
+must move at least: every upload read, B and A read, the moved factor's delta
+written) against the copy bandwidth measured in the same run, the peak GPU memory,
+and the relative Frobenius error of the moved factor's delta against a float64
+dense oracle on a sample of layers. Then it streams 4 and --stream-clients clients
+and prints the stream's memory.
+
+The plain way (dense W, full SVD, pinv per pair) can be timed on the first
+--plain-layers layers and scaled to the whole model (each layer costs it the same);
+the rows say so. The package's paths always run the whole model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_shapes import LLAMA_3B, pair_shapes  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from plain import plain_server_pair  # noqa: E402
+from timing import copy_bandwidth, peak_mib, synchronize, time_ms  # noqa: E402
 
 import fedsrd_kernels as fk  # noqa: E402
 from fedsrd_kernels import oracle  # noqa: E402
@@ -50,36 +57,41 @@ def model_shapes(full: bool, layers: int | None = None) -> tuple[list[tuple[str,
 
 
 def make_round(shapes, rank, clients, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    """The round's global state and ``clients`` sparsified uploads, made on ``device`` (the sparsify of 64
+    full-size clients takes minutes on a CPU, well under a second on a GPU)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=device)
+
     state = {}
     for prefix, d_out, d_in in shapes:
-        state[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
-        state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 1e-2
-    updates = []
-    for _ in range(clients):
-        local = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
-        updates.append(fk.sparsify(local, state))
-    move_to = {k: v.to(device) for k, v in state.items()}
-    return move_to, [fk.SparseUpdate({k: fk.SparseTensor(s.shape, s.values.to(device),
-                                                         None if s.indices is None else s.indices.to(device), s.scale)
-                                      for k, s in u.deltas.items()}) for u in updates]
+        state[f"{prefix}.lora_A.weight"] = randn(rank, d_in) / d_in**0.5
+        state[f"{prefix}.lora_B.weight"] = randn(d_out, rank) * 1e-2
+    updates = [fk.sparsify({k: v + 1e-3 * randn(*v.shape) for k, v in state.items()}, state)
+               for _ in range(clients)]
+    return state, updates
 
 
+def round_bytes(state, updates, shapes, move) -> int:
+    """What any server round must move at least: every upload read (values and indices as they are stored),
+    B and A read, the moved factor's delta written."""
+    uploads = sum(t.numel() * t.element_size() for u in updates for s in u.deltas.values()
+                  for t in (s.values, s.indices) if t is not None)
+    factors = sum(t.numel() * t.element_size() for t in state.values())
+    moved = sum(state[f"{prefix}.lora_{'B' if move == 'B' else 'A'}.weight"].numel() * 4 for prefix, _, _ in shapes)
+    return uploads + factors + moved
 
 
 def timed(fn, repeats, device):
-    """Median wall time of ``repeats`` calls after one untimed warm-up call."""
-    fn()
-    times, out = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    """(median ms, peak GPU MiB or None, the output of the first call): the first call is the warm-up and
+    gives the output the oracle checks; timing.time_ms times the rest (CUDA events on a GPU)."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    ms = time_ms(fn, device, warmup=0, repeats=repeats)
+    return ms, peak_mib(device), out
 
 
 def plain_round(state, updates, shapes, rank, truncate, round_):
@@ -96,9 +108,10 @@ def plain_round(state, updates, shapes, rank, truncate, round_):
     return out
 
 
-def oracle_errors(got: dict, state, updates, sample, rank, truncate, round_) -> float:
-    """Worst relative error over the sampled pairs against the dense float64 oracle."""
-    worst = 0.0
+def oracle_wants(state, updates, sample, rank, truncate, round_) -> dict:
+    """The moved factor's delta of each sampled pair from the dense float64 oracle, once per round: the paths
+    are all held to the same answer (its dense SVDs are the slowest part of the benchmark at full size)."""
+    wants = {}
     for prefix, _, _ in sample:
         a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
         d_b = [oracle.f64(u.deltas[b_key].to_dense()) if b_key in u.deltas else 0.0 for u in updates]
@@ -107,10 +120,21 @@ def oracle_errors(got: dict, state, updates, sample, rank, truncate, round_) -> 
         eps32 = np.finfo(np.float32).eps
         move, want = oracle.server_pair(b, a, d_b, d_a, [1.0] * len(updates), round_, rank if truncate else None,
                                         max(1e-2, max(b.shape) * eps32), max(1e-2, max(a.shape) * eps32))
-        key = b_key if move == "B" else a_key
-        have = oracle.f64(got[key])
-        worst = max(worst, float(np.linalg.norm(have - want) / np.linalg.norm(want)))
-    return worst
+        wants[b_key if move == "B" else a_key] = want
+    return wants
+
+
+def worst_error(got: dict, wants: dict) -> float:
+    """Worst relative Frobenius error over the sampled pairs."""
+    return max(float(np.linalg.norm(oracle.f64(got[key]) - want) / np.linalg.norm(want))
+               for key, want in wants.items())
+
+
+def result_row(method, clients, path, ms, peak, error, baseline_ms, nbytes, copy_gbs, **more) -> dict:
+    gbs = nbytes / ms / 1e6
+    return dict(method=method, clients=clients, path=path, seconds=ms / 1e3,
+                speedup=None if baseline_ms is None else baseline_ms / ms, error=error, bytes=nbytes, gbs=gbs,
+                of_copy=gbs / copy_gbs, peak_mib=peak, **more)
 
 
 def package_round(agg, state, updates, round_):
@@ -124,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", default="4,16,64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-max-clients", type=int, default=64, help="skip the dense path above this")
+    parser.add_argument("--plain-layers", type=int, default=None,
+                        help="time the plain path on this many layers' pairs and scale to the model (default: all)")
     parser.add_argument("--stream-clients", type=int, default=1000)
     parser.add_argument("--square", type=int, help="square d x d layers instead of Llama-3.2-3B's")
     parser.add_argument("--pairs", type=int, default=4, help="with --square: how many layers")
@@ -140,70 +166,88 @@ def main(argv=None) -> int:
         shapes, rank = square_shapes(args.square, args.pairs), args.rank
     else:
         shapes, rank = model_shapes(full, args.layers)
+    pairs_per_layer = 1 if args.square else 7
+    plain_shapes = shapes[:pairs_per_layer * args.plain_layers] if args.plain_layers else shapes
+    plain_scale = len(shapes) / len(plain_shapes)  # every layer costs the plain path the same
     params = sum((o + i) * rank for _, o, i in shapes)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({cpu_model()}, " \
         f"{torch.get_num_threads()} threads)"
     kind = f"{args.square} x {args.square}" if args.square else f"{'full' if full else 'reduced'} Llama-3.2-3B"
+    copy_gbs = copy_bandwidth(device, mib=1024 if device.type == "cuda" else 64, repeats=5)
     print(f"device: {name}; torch {torch.__version__}; {kind} shapes: {len(shapes)} pairs, r={rank}, "
-          f"{params:,} LoRA parameters")
-    sample = shapes[:max(1, args.sample)]  # the first 7: one of each module
+          f"{params:,} LoRA parameters; copy bandwidth {copy_gbs:.1f} GB/s")
+    if plain_scale != 1:
+        print(f"the plain path runs {len(plain_shapes)} of the {len(shapes)} pairs; its times are scaled by "
+              f"{plain_scale:g}")
+    sample = plain_shapes[:max(1, args.sample)]  # the first 7: one of each module (the plain path's too)
+    round_ = 2
+    move = scheduled_factor(round_)
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:
         state, updates = make_round(shapes, rank, clients, device)
+        nbytes = round_bytes(state, updates, shapes, move)
         for method, paths in (("fedsrd", ("auto", "exact", "randomized", "reference")),
                               ("fedsrd-e", ("delta", "reference"))):
             truncate = method == "fedsrd"
-            plain_s = None
+            wants = oracle_wants(state, updates, sample, rank, truncate, round_)
+
+            plain_ms = None
             if clients <= args.plain_max_clients:
-                plain_s, plain_out = timed(lambda s=state, u=updates, t=truncate: plain_round(s, u, shapes, rank, t, 2),
-                                           args.repeats, device)
-                err = oracle_errors(plain_out, state, updates, sample, rank, truncate, 2)
-                rows.append(dict(method=method, clients=clients, path="plain dense fp32", seconds=plain_s,
-                                 speedup=1.0, error=err))
+                ms, peak, out = timed(lambda s=state, u=updates, t=truncate: plain_round(s, u, plain_shapes, rank, t,
+                                                                                         round_),
+                                      args.repeats, device)
+                plain_ms = ms * plain_scale
+                rows.append(result_row(method, clients, "plain dense fp32", plain_ms, peak, worst_error(out, wants),
+                                       plain_ms, nbytes, copy_gbs, plain_pairs=len(plain_shapes),
+                                       plain_scale=plain_scale))
             for path in paths:
                 agg = fk.Aggregator(method, path=path, download_drop=0.0)
-                seconds, out = timed(lambda agg=agg, s=state, u=updates: package_round(agg, s, u, 2),
-                                     args.repeats, device)
-                err = oracle_errors(out, state, updates, sample, rank, truncate, 2)
+                ms, peak, out = timed(lambda agg=agg, s=state, u=updates: package_round(agg, s, u, round_),
+                                      args.repeats, device)
                 residuals = agg.last_report.residuals.values()
-                rows.append(dict(method=method, clients=clients, path=path, seconds=seconds,
-                                 speedup=None if plain_s is None else plain_s / seconds, error=err,
-                                 residual=max(residuals) if residuals else None))
-    print(f"\n{'method':9} {'clients':>7} {'path':17} {'s/round':>9} {'speed-up':>9} {'err vs f64':>11} "
-          f"{'range resid':>11}")
-    for row in rows:
-        speed = "-" if row["speedup"] is None else f"{row['speedup']:.1f}x"
-        resid = "-" if row.get("residual") is None else f"{row['residual']:.1e}"
-        print(f"{row['method']:9} {row['clients']:>7} {row['path']:17} {row['seconds']:>9.3f} {speed:>9} "
-              f"{row['error']:>11.1e} {resid:>11}")
+                rows.append(result_row(method, clients, path, ms, peak, worst_error(out, wants), plain_ms, nbytes,
+                                       copy_gbs, residual=max(residuals) if residuals else None))
+        del state, updates
+    print(f"\n{'method':9} {'clients':>7} {'path':17} {'ms/round':>10} {'speed-up':>9} {'GB/s':>7} {'% copy':>7} "
+          f"{'peak MiB':>9} {'err vs f64':>11} {'range resid':>11}")
+    for r in rows:
+        speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
+        resid = "-" if r.get("residual") is None else f"{r['residual']:.1e}"
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        scaled = f"  (scaled x{r['plain_scale']:g})" if r.get("plain_scale", 1) != 1 else ""
+        print(f"{r['method']:9} {r['clients']:>7} {r['path']:17} {r['seconds'] * 1e3:>10.1f} {speed:>9} "
+              f"{r['gbs']:>7.1f} {100 * r['of_copy']:>6.1f}% {peak:>9} {r['error']:>11.1e} {resid:>11}{scaled}")
 
     stream_rows = []
     for clients in (4, args.stream_clients):
         state, updates = make_round(shapes, rank, 4, device, seed=1)
         for method in ("fedsrd-e", "fedsrd"):
             agg = fk.Aggregator(method, download_drop=0.0)
+            synchronize(device)
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            stream = agg.stream(state, round=2)
+            stream = agg.stream(state, round=round_)
             for i in range(clients):
                 stream.add(updates[i % 4])
             stream.finish()
+            synchronize(device)
             seconds = time.perf_counter() - start
             held = sum(t.numel() * t.element_size() for g in stream._groups
                        for t in (g.b, g.a, g.sum_d_b, g.sum_d_a, *g.extra.values()))
-            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             stream_rows.append(dict(method=method, clients=clients, seconds=seconds, stream_bytes=held, peak=peak))
     print(f"\n{'stream':9} {'clients':>7} {'s/round':>9} {'accumulators MiB':>17} {'peak GPU MiB':>13}")
-    for row in stream_rows:
-        peak = "-" if row["peak"] is None else f"{row['peak'] / 2**20:.0f}"
-        print(f"{row['method']:9} {row['clients']:>7} {row['seconds']:>9.2f} {row['stream_bytes'] / 2**20:>17.1f} "
+    for r in stream_rows:
+        peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
+        print(f"{r['method']:9} {r['clients']:>7} {r['seconds']:>9.2f} {r['stream_bytes'] / 2**20:>17.1f} "
               f"{peak:>13}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                          "command": "python " + " ".join(sys.argv), "full_shapes": full,
                                          "pairs": len(shapes), "rank": rank, "oracle_pairs": len(sample),
+                                         "plain_pairs": len(plain_shapes), "copy_gbs": copy_gbs,
                                          "rounds": rows, "stream": stream_rows},
                                         indent=1))
     return 0

@@ -58,7 +58,17 @@ def test_dry_run_writes_the_report(tmp_path):
         elif name != "wheels":
             assert step["status"] == "ok", (name, step.get("tail"))
     assert steps["gpu-tests"]["pytest"]["failures"] == 0 and steps["gpu-tests"]["pytest"]["tests"] > 0
-    assert steps["server"]["json"]["rounds"], "server.py's --json figures are merged into the report"
+    server = steps["server"]["json"]  # server.py's --json figures, merged into the report
+    assert {(r["method"], r["path"]) for r in server["rounds"]} == {
+        ("fedsrd", p) for p in ("plain dense fp32", "auto", "exact", "randomized", "reference")} | {
+        ("fedsrd-e", p) for p in ("plain dense fp32", "delta", "reference")}
+    assert server["plain_pairs"] == 1 and server["pairs"] == 2 and server["copy_gbs"] > 0
+    for row in server["rounds"]:
+        assert row["of_copy"] == pytest.approx(row["gbs"] / server["copy_gbs"]), row
+        # The bound for the package's paths; the plain fp32 pinv route is looser (1e-5 measured).
+        assert row["error"] < (1e-3 if row["path"].startswith("plain") else 1e-5), row
+        if row["path"].startswith("plain"):
+            assert row["plain_scale"] == 2 and row["speedup"] == 1.0, row
     assert steps["bench_client"]["json"]["speed_up"] > 0
     assert steps["bench_cuda"]["json"]["skipped"] == "no CUDA", "bench_cuda's JSON says why it has no figures"
     for name in TABLE_STEPS:
