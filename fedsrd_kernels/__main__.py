@@ -21,7 +21,8 @@ _OPTIONS = (
     ("local-steps", int, "AdamW steps per client and round"),
     ("batch-size", int, "sequences per local step"),
     ("seq-len", int, "tokens per sequence"),
-    ("lr", float, "local learning rate (compare methods each at its own best: see BENCHMARKS.md)"),
+    ("lr", float, "local learning rate (default: the quality study's best for the run's upload, {rescaled:g} "
+                  "with the L1 rescale, else {unscaled:g}; see BENCHMARKS.md)"),
     ("max-grad-norm", float, "clip the local gradient to this norm; 0 = no clipping"),
     ("lora-dropout", float, "dropout on the LoRA branch in local training"),
     ("max-examples", int, "examples per domain client, held-out included"),
@@ -39,7 +40,7 @@ _OPTIONS = (
 def _runner_parser(prog: str, command: str) -> argparse.ArgumentParser:
     from .baselines import METHODS
     from .config import RESCALE_SPACES, SELECTIONS
-    from .runner.config import RunConfig
+    from .runner.config import LR_L1_RESCALED, LR_UNSCALED, RunConfig
 
     defaults = RunConfig()
     parser = argparse.ArgumentParser(prog=prog)
@@ -57,7 +58,10 @@ def _runner_parser(prog: str, command: str) -> argparse.ArgumentParser:
                         help="an extra client from {\"text\"} or {\"instruction\", \"response\"} records")
     for name, kind, text in _OPTIONS:
         default = getattr(defaults, name.replace("-", "_"))
-        parser.add_argument(f"--{name}", type=kind, help=f"{text} (default: {default})")
+        if name == "lr":  # its default depends on the upload: the text names both
+            text = text.format(rescaled=LR_L1_RESCALED, unscaled=LR_UNSCALED)
+        help_text = text if "(default:" in text else f"{text} (default: {default})"
+        parser.add_argument(f"--{name}", type=kind, help=help_text)
     for name, text in (("completion-only", "loss on the response tokens of instruction pairs only"),
                        ("error-feedback", "carry what a client did not upload into its next round"),
                        ("rescale", "L1 rescale of the sparse upload (default: on, off with error feedback)")):

@@ -38,4 +38,4 @@ def test_run_and_compare_keep_their_own_folders(tmp_path, monkeypatch, capsys):
             assert exit.code == 0
         text = capsys.readouterr().out
         assert "fedsrd-e" in text and "ffa-lora" in text and "runs/compare" in text
-        assert "(default: 3e-4)" in text or "(default: 0.0003)" in text
+        assert "0.001 with the L1 rescale, else 0.003" in " ".join(text.split()) and "(default: None)" not in text

@@ -118,6 +118,23 @@ def test_run_config_checks_the_new_settings():
     assert cfg.aggregator().weighting == "equal"
 
 
+def test_default_lr_follows_the_upload_and_an_explicit_lr_wins():
+    from fedsrd_kernels.runner.config import LR_L1_RESCALED, LR_UNSCALED
+
+    assert LR_L1_RESCALED < LR_UNSCALED
+    rescaled = [RunConfig(), RunConfig(method="fedsrd-e"), RunConfig(error_feedback=True, rescale=True)]
+    unscaled = [RunConfig(method="fedavg"), RunConfig(method="fed-dare"), RunConfig(method="flexlora"),
+                RunConfig(error_feedback=True), RunConfig(selection="dense"), RunConfig(rescale=False)]
+    assert [c.learning_rate for c in rescaled] == [LR_L1_RESCALED] * len(rescaled)
+    assert [c.learning_rate for c in unscaled] == [LR_UNSCALED] * len(unscaled)
+    # compare() swaps the method of one config: each method gets its own default, an explicit lr stays.
+    assert RunConfig(method="fedavg").replace(method="fedsrd").learning_rate == LR_L1_RESCALED
+    assert RunConfig(lr=2e-5).replace(method="fedavg").learning_rate == 2e-5
+    for bad in (0.0, -1e-3, float("nan"), "1e-3"):
+        with pytest.raises(ConfigError, match="lr"):
+            RunConfig(lr=bad)
+
+
 def test_equal_weighting_ignores_sample_counts():
     gen = torch.Generator().manual_seed(2)
     global_state = lora_state([(13, 11), (6, 9)], 3, gen=gen)

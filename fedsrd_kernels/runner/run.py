@@ -79,6 +79,7 @@ def run(cfg: RunConfig, *, log=print, show_progress: bool = True) -> list[dict]:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_base(cfg)
     clients = build_clients(cfg, tokenizer, log)
+    log(f"{cfg.method}: lr {cfg.learning_rate:g}{' (the default for its upload)' if cfg.lr is None else ''}")
     peft_model = lora_model(model, cfg)
     records = federate(peft_model, tokenizer, clients, cfg, log=log, show_progress=show_progress)
     _write_summary({cfg.method: records}, Path(cfg.out_dir), log)

@@ -132,7 +132,7 @@ def train_locally(peft_model, tokenizer, global_state, texts: list[Text], cfg: R
         param.requires_grad_(not (freeze_lora_a and "lora_A" in name))
     params = [p for p in trainable.values() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     peft_model.train()
     losses = []
     devices = [device] if device.type == "cuda" else []
