@@ -147,3 +147,42 @@ def test_wheels_unzip_fallback(tmp_path):
     got = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True,
                          text=True, timeout=60)
     assert got.stdout.strip() == "42", got.stderr
+
+
+PARSE_ONLY = r"""
+import argparse, json, runpy, sys
+
+class Parsed(Exception):
+    pass
+
+def parse_then_stop(self, args=None, namespace=None):
+    namespace = original(self, args, namespace)  # exits 2 on an unknown flag or a bad value
+    raise Parsed()
+
+original = argparse.ArgumentParser.parse_args
+argparse.ArgumentParser.parse_args = parse_then_stop
+failures = {}
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        failures[" ".join(argv)] = "did not parse its arguments"
+    except Parsed:
+        pass
+    except SystemExit as exc:
+        failures[" ".join(argv)] = f"exit {exc.code}"
+print(json.dumps(failures))
+"""
+
+
+def test_every_gpu_benchmark_command_parses(tmp_path):
+    """The full-size commands only ever run on a GPU lease: each one's flags are checked here, by its own parser."""
+    gpu_run = _driver()
+    device, cpu_side = gpu_run.benchmark_steps(True, tmp_path)
+    argvs = [step.argv[1:] for step in device + cpu_side]
+    assert {Path(a[0]).name for a in argvs} >= {"server.py", "bench_sparsify.py", "bench_download.py",
+                                                "bench_reconstruct.py", "bench_cuda.py", "bench_client.py"}
+    proc = subprocess.run([sys.executable, "-c", PARSE_ONLY, json.dumps(argvs)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}, proc.stderr[-3000:]
