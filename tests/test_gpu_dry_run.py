@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "env", "build", "gpu-tests", "sanitizer-cuda-ops", "bench_cuda", "bench_sparsify",
-         "bench_download", "bench_reconstruct", "server", "device-tests", "sanitizer-triton", "comm", "bench_client",
+STEPS = ["wheels", "env", "build", "gpu-tests", "sanitizer-cuda-ops", "bench_sparsify", "server", "bench_cuda",
+         "bench_download", "bench_reconstruct", "device-tests", "sanitizer-triton", "comm", "bench_client",
          "bench_wire"]
 # The benchmarks writing timing.write_json's tables: each way's median ms, bytes, GB/s, the copy bandwidth of the
 # same run and the fraction of it, speed-up, peak GPU MiB (None on the CPU).

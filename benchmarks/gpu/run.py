@@ -235,20 +235,21 @@ def benchmark_steps(gpu: bool, scratch: Path) -> list[Step]:
                                                             "reconstruct", "wire")}
     server_json, client_json = js["server"], js["client"]
     if gpu:
+        # Most valuable first, as a lease may end early: the client and server targets, then the rest.
         specs = [
-            ("bench_cuda", [f"{b}/bench_cuda.py", "--repeats", "10", "--json", js["cuda"]], 60, js["cuda"]),
             # The plain way is timed on 1 of the 28 layers and scaled (its host round trip per matrix is slow).
             ("bench_sparsify", [f"{b}/bench_sparsify.py", "--repeat", "5", "--plain-layers", "1", "--json",
                                 js["sparsify"]], 75, js["sparsify"]),
-            ("bench_download", [f"{b}/bench_download.py", "--warmup", "1", "--repeats", "3", "--json",
-                                js["download"]], 90, js["download"]),
-            ("bench_reconstruct", [f"{b}/bench_reconstruct.py", "--warmup", "2", "--repeats", "5", "--json",
-                                   js["reconstruct"]], 60, js["reconstruct"]),
             # The package's paths run all 28 layers with 4, 16 and 64 clients; the plain way's dense SVDs and
             # pinvs run one layer's 7 pairs and are scaled by 28 (the rule: each layer costs it the
             # same); the float64 oracle (CPU numpy) checks the first pair, once per client count and method.
             ("server", [f"{b}/server.py", "--clients", "4,16,64", "--plain-layers", "1", "--sample", "1",
                         "--repeats", "3", "--stream-clients", "100", "--json", server_json], 180, server_json),
+            ("bench_cuda", [f"{b}/bench_cuda.py", "--repeats", "10", "--json", js["cuda"]], 60, js["cuda"]),
+            ("bench_download", [f"{b}/bench_download.py", "--warmup", "1", "--repeats", "3", "--json",
+                                js["download"]], 90, js["download"]),
+            ("bench_reconstruct", [f"{b}/bench_reconstruct.py", "--warmup", "2", "--repeats", "5", "--json",
+                                   js["reconstruct"]], 60, js["reconstruct"]),
         ]
         cpu_side = [  # CPU figures, measured here too since the machine is idle (the dev box is not)
             ("comm", [f"{b}/comm.py", "--small"], 45, None),
@@ -260,17 +261,17 @@ def benchmark_steps(gpu: bool, scratch: Path) -> list[Step]:
         ]
     else:
         specs = [
-            # bench_cuda says "no CUDA device", writes a JSON saying so, and exits 0.
-            ("bench_cuda", [f"{b}/bench_cuda.py", "--json", js["cuda"]], 30, js["cuda"]),
             ("bench_sparsify", [f"{b}/bench_sparsify.py", "--small", "--repeat", "1", "--json", js["sparsify"]], 60,
              js["sparsify"]),
+            ("server", [f"{b}/server.py", "--square", "64", "--pairs", "2", "--rank", "4", "--clients", "2",
+                        "--plain-layers", "1", "--repeats", "1", "--stream-clients", "4", "--json", server_json], 60,
+             server_json),
+            # bench_cuda says "no CUDA device", writes a JSON saying so, and exits 0.
+            ("bench_cuda", [f"{b}/bench_cuda.py", "--json", js["cuda"]], 30, js["cuda"]),
             ("bench_download", [f"{b}/bench_download.py", "--small", "--warmup", "0", "--repeats", "1", "--json",
                                 js["download"]], 60, js["download"]),
             ("bench_reconstruct", [f"{b}/bench_reconstruct.py", "--small", "--warmup", "0", "--repeats", "1",
                                    "--json", js["reconstruct"]], 60, js["reconstruct"]),
-            ("server", [f"{b}/server.py", "--square", "64", "--pairs", "2", "--rank", "4", "--clients", "2",
-                        "--plain-layers", "1", "--repeats", "1", "--stream-clients", "4", "--json", server_json], 60,
-             server_json),
         ]
         cpu_side = [
             ("comm", [f"{b}/comm.py", "--layers", "1"], 60, None),
