@@ -176,6 +176,8 @@ def summary_rows(runs: dict[str, dict], rounds: int) -> list[dict]:
                                              [math.nan]),
             "along": statistics.fmean([d[0] for d in diag]), "orthogonal": statistics.fmean([d[1] for d in diag]),
             "kept_fraction": statistics.fmean([d[2] for d in diag]), "scale": statistics.fmean([d[3] for d in diag]),
+            "server_along": _nanmean([_server_fidelity(e)[0] for e in entries]),
+            "server_orthogonal": _nanmean([_server_fidelity(e)[1] for e in entries]),
         })
     return rows
 
@@ -196,6 +198,22 @@ def _adapter_diagnostics(entry: dict) -> tuple[float, float, float, float]:
         return statistics.fmean(values) if values else math.nan
 
     return mean(along), mean(orth), mean(kept), mean(scale)
+
+
+def _server_fidelity(entry: dict) -> tuple[float, float]:
+    """Mean over rounds of the server's along and orthogonal (the applied change against the exact aggregate of
+    the round's updates); nan for runs recorded before the runner measured it."""
+    values = [r["server_fidelity"]["adapter"] for r in entry["records"] if r.get("server_fidelity")]
+    return (_nanmean([v["along"] for v in values]), _nanmean([v["orthogonal"] for v in values]))
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _fixed(value: float, digits: int) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -227,12 +245,16 @@ def markdown(name: str, rows: list[dict], best: list[dict], rounds: int, runs: d
                      f"{r['paper_mib']:.3f} |")
     lines += ["", "#### Learning-rate sweep (final mean held-out loss; diagnostics averaged over rounds and clients)",
               "",
+              "along / orthogonal: each client's rebuilt upload against its trained update; server along / "
+              "orthogonal: the change each round applied against the exact aggregate of the updates it got "
+              "(- where the run predates it).", "",
               "| variant | lr | seeds | mean held-out | along | orthogonal | kept fraction | L1 scale | "
-              "wall min/run |", "|---|---|---|---|---|---|---|---|---|"]
+              "server along | server orthogonal | wall min/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['lr']:g} | {len(r['seeds'])} | {_pm(r['mean'])} | {r['along']:.3f} | "
                      f"{r['orthogonal']:.3f} | {r['kept_fraction']:.4f} | {r['scale']:.2f} | "
-                     f"{r['wall_minutes']:.1f} |")
+                     f"{_fixed(r.get('server_along', math.nan), 3)} | "
+                     f"{_fixed(r.get('server_orthogonal', math.nan), 3)} | {r['wall_minutes']:.1f} |")
     unfinished = sorted(k for k, e in runs.items() if (_final(e) or {"round": 0})["round"] < rounds)
     if unfinished:
         lines += ["", "Unfinished runs (not in the tables): " + ", ".join(f"`{k}`" for k in unfinished)]

@@ -17,12 +17,21 @@ From ``<R, T>``, ``|T|^2`` and ``|R|^2``:
 
 ``upload_diagnostics`` gives these per pair and over the whole adapter (all
 pairs as one vector), with each sent matrix's kept fraction and scale.
+
+``round_fidelity`` judges the server the same way: the change a round applied to
+the global adapter, ``R = B' A' - B A`` (download drop included), against the
+exact aggregate of the updates it received, ``T = sum_i q_i (B_i A_i - B A)``
+with ``B_i = B + dB_i`` (the server's weights q_i). T's factors are
+``[B_1 .. B_m, B]`` and ``[q_1 A_1; ..; q_m A_m; -(sum q) A]``, so the Grams are
+(m + 1) r square. FedAvg's mean of factors misses T by its cross terms; FedSRD's
+one factor per round misses what that factor cannot express; the drop adds noise
+across T that later rounds average out.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +112,43 @@ def upload_diagnostics(global_state: StateDict, local_state: StateDict,
                              "scale": sparse.scale if sparse is not None else None}
     return {"pairs": pairs, "matrices": matrices,
             "adapter": {"along": total.along, "orthogonal": total.orthogonal}}
+
+
+def round_fidelity(global_state: StateDict, updates: Sequence[SparseUpdate], weights: Sequence[float],
+                   new_state: StateDict) -> dict[str, object]:
+    """The round's applied change against the exact aggregate of its updates (module docstring).
+
+    ``weights`` are the q_i the server gave the updates (normalised weights times any clip
+    factors). Returns ``adapter`` (along and orthogonal over the whole adapter) and
+    ``pairs`` (module kind -> mean along and orthogonal over its pairs).
+    """
+    layout = lora_layout(global_state, "global_state")
+    sent = [densify(u) for u in updates]
+    q = [float(w) for w in weights]
+    by_kind: dict[str, dict[str, list[float]]] = {}
+    total = Fidelity(0.0, 0.0, 0.0)
+    for pair in layout.pairs:
+        b, a = global_state[pair.b_key].to(WORK_DTYPE), global_state[pair.a_key].to(WORK_DTYPE)
+        client_b = [b + d[pair.b_key].to(WORK_DTYPE) if pair.b_key in d else b for d in sent]
+        client_a = [a + d[pair.a_key].to(WORK_DTYPE) if pair.a_key in d else a for d in sent]
+        true_left = torch.cat([*client_b, b], 1)
+        true_right = torch.cat([*(w * a_i for w, a_i in zip(q, client_a)), -sum(q) * a], 0)
+        applied_left = torch.cat([new_state[pair.b_key].to(WORK_DTYPE), b], 1)
+        applied_right = torch.cat([new_state[pair.a_key].to(WORK_DTYPE), -a], 0)
+        fidelity = Fidelity(
+            dot=lowrank_inner(applied_left, applied_right, true_left, true_right),
+            true_sq=lowrank_inner(true_left, true_right, true_left, true_right),
+            rebuilt_sq=lowrank_inner(applied_left, applied_right, applied_left, applied_right),
+        )
+        total = total + fidelity
+        slot = by_kind.setdefault(_module_kind(pair.prefix), {"along": [], "orthogonal": []})
+        for name in ("along", "orthogonal"):
+            value = getattr(fidelity, name)
+            if math.isfinite(value):
+                slot[name].append(value)
+    return {"adapter": {"along": total.along, "orthogonal": total.orthogonal},
+            "pairs": {kind: {"along": _mean(v["along"]), "orthogonal": _mean(v["orthogonal"])}
+                      for kind, v in sorted(by_kind.items())}}
 
 
 def _module_kind(name: str) -> str:

@@ -115,3 +115,61 @@ def test_dw_rescale_is_the_least_squares_scalar_of_each_pair(selection):
     assert error(dw) < error(plain) < error(l1)
     with pytest.raises(fk.FedSRDError, match="rescale_space"):
         fk.SparsifyConfig(rescale_space="l2")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_round_fidelity_matches_the_dense_oracle(seed):
+    """R = W' - W against T = sum_i q_i (W_i - W), whole adapter, from dense float64 products."""
+    from fedsrd_kernels.diagnostics import round_fidelity
+
+    gen = torch.Generator().manual_seed(seed)
+    state = lora_state(SHAPES, 3, gen=gen, extra=False)
+    dense = fk.SparsifyConfig(selection="dense")
+    locals_ = [perturbed(state, 0.05, gen=gen) for _ in range(3)]
+    updates = [fk.sparsify(local, state, dense) for local in locals_]
+    q = [0.2 * 0.5, 0.5, 0.3]  # the first update clipped to half its weight
+    new_state = perturbed(state, 0.04, gen=gen)
+    got = round_fidelity(state, updates, q, new_state)
+
+    f = lambda t: t.detach().double().numpy()  # noqa: E731
+    dot = true_sq = applied_sq = 0.0
+    for i in range(len(SHAPES)):
+        a_key, b_key = f"base_model.model.layers.{i}.mlp.proj.lora_A.weight", \
+            f"base_model.model.layers.{i}.mlp.proj.lora_B.weight"
+        base = f(state[b_key]) @ f(state[a_key])
+        received = [fk.densify(u) for u in updates]  # what the server got: float32 deltas, not the locals
+        true = sum(w * ((f(state[b_key]) + f(d[b_key])) @ (f(state[a_key]) + f(d[a_key])) - base)
+                   for w, d in zip(q, received))
+        applied = f(new_state[b_key]) @ f(new_state[a_key]) - base
+        dot += float((applied * true).sum())
+        true_sq += float((true * true).sum())
+        applied_sq += float((applied * applied).sum())
+    along = dot / true_sq
+    orthogonal = math.sqrt(applied_sq - dot * dot / true_sq) / math.sqrt(true_sq)
+    assert got["adapter"]["along"] == pytest.approx(along, rel=1e-9)
+    assert got["adapter"]["orthogonal"] == pytest.approx(orthogonal, rel=1e-7)
+    assert set(got["pairs"]) == {"proj"}
+
+
+def test_round_fidelity_of_real_rounds():
+    """One client through FedAvg lands exactly on its update; FedSRD without the download drop moves one factor
+    and keeps part of the aggregate; its drop adds noise across it."""
+    from fedsrd_kernels.diagnostics import round_fidelity
+
+    gen = torch.Generator().manual_seed(5)
+    state = lora_state(SHAPES, 3, gen=gen, extra=False)
+    locals_ = [perturbed(state, 0.05, gen=gen) for _ in range(2)]
+    one = [fk.sparsify(locals_[0], state, fk.SparsifyConfig(selection="dense"))]
+    applied = fk.apply(state, fk.Aggregator("fedavg").aggregate(state, one, round=1))
+    exact = round_fidelity(state, one, [1.0], applied)["adapter"]
+    # float32 states: W' rounds each element to ~1e-7 of 1, the update is ~0.05 of it
+    assert exact["along"] == pytest.approx(1.0, abs=1e-5) and exact["orthogonal"] < 1e-4, exact
+
+    updates = [fk.sparsify(local, state, fk.SparsifyConfig(selection="dense")) for local in locals_]
+    fidelity = {}
+    for drop in (0.0, 0.8):
+        agg = fk.Aggregator("fedsrd", download_drop=drop)
+        applied = fk.apply(state, agg.aggregate(state, updates, round=1))
+        fidelity[drop] = round_fidelity(state, updates, [0.5, 0.5], applied)["adapter"]
+    assert 0.2 < fidelity[0.0]["along"] < 1.0, fidelity  # B moves alone: dW A^+ A keeps part of dW
+    assert fidelity[0.8]["orthogonal"] > fidelity[0.0]["orthogonal"] + 0.5, fidelity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,7 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert {row["variant"] for row in report["best"]} == {"fedavg", "fedsrd+error_feedback"}
     fedsrd = next(r for r in report["rows"] if r["method"] == "fedsrd")
     assert 0 < fedsrd["kept_fraction"] < 0.5 and fedsrd["along"] > 0
+    assert all(math.isfinite(r["server_along"]) and r["server_orthogonal"] >= 0 for r in report["rows"])
     table = (results / "quality-tiny.md").read_text()
     assert "base (round 0)" in table and "fedsrd+error_feedback" in table
     for plot in ("rounds", "mib"):

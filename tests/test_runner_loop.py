@@ -46,8 +46,12 @@ def test_one_round_per_method(tmp_path, method):
     assert record["upload_paper_bytes"] > 0
     end = adapter_state(peft_model)
     assert any(not torch.equal(end[k], start[k]) for k in start), "the round changed nothing"
+    fidelity = record["server_fidelity"]["adapter"]  # the applied change against the exact aggregate
+    assert fidelity["along"] == fidelity["along"] and fidelity["orthogonal"] >= 0, fidelity
     if method == "ffa-lora":
         assert all(torch.equal(end[k], start[k]) for k in start if "lora_A" in k)
+        # A frozen: the mean of the B_i times A is the aggregate itself (float32 states)
+        assert fidelity["along"] == pytest.approx(1.0, abs=1e-4) and fidelity["orthogonal"] < 1e-3, fidelity
     saved = json.loads((tmp_path / method / "rounds.jsonl").read_text().splitlines()[0])
     assert saved == record
 

@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from ..client import sparsify
-from ..diagnostics import summarise, upload_diagnostics
+from ..diagnostics import round_fidelity, summarise, upload_diagnostics
 from ..errors import ConfigError, StateError
 from ..intake import Submission, run_round
 from ..lora import state_digest
+from ..server.robust import normalised_weights
 from ..wire import comm_cost, encode
 from .config import RunConfig
 from .residuals import load_residual, prune_residuals, run_id, save_residual
@@ -283,6 +284,13 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         heldout = ({c.name: heldout_loss(peft_model, tokenizer, global_state, c.heldout, cfg) for c in clients}
                    if evaluate else {})
         report = outcome.report
+        fidelity = None
+        if accepted:  # the server judged like the clients: the applied change against the exact aggregate
+            weights = normalised_weights([len(by_name[n].train) for n in outcome.accepted]
+                                         if agg.weighting == "samples" else None, len(accepted))
+            if report is not None and report.clip_factors:
+                weights = weights * torch.tensor(report.clip_factors, dtype=weights.dtype)
+            fidelity = round_fidelity(server.global_state, accepted, weights.tolist(), global_state)
         record = {
             "method": cfg.method, "round": round_, "clients": chosen, "train_loss": train_loss,
             "heldout_loss": heldout, "heldout_ppl": {k: math.exp(min(v, 50.0)) for k, v in heldout.items()},
@@ -295,7 +303,7 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
             "accepted": list(outcome.accepted), "rejected": outcome.rejected, "skipped": outcome.skipped,
             "clip_factors": dict(zip(outcome.accepted, report.clip_factors)) if report and report.clip_factors
             else {},
-            "diagnostics": diagnostics,
+            "diagnostics": diagnostics, "server_fidelity": fidelity,
             "base": base, "digest": state_digest(global_state),
         }
         server = ServerState(round_, global_state, [*server.records, record], server.fingerprint,
@@ -303,7 +311,8 @@ def federate(peft_model, tokenizer, clients: list[ClientData], cfg: RunConfig, *
         atomic_write_bytes(out / STATE_FILE, server.to_bytes())  # the commit point of the round
         shutil.rmtree(pending, ignore_errors=True)
         _export(peft_model, server, out, cfg.method)
-        log(json.dumps({k: v for k, v in record.items() if k != "diagnostics"}))  # diagnostics: rounds.jsonl
+        # the diagnostics stay in rounds.jsonl: the printed line is the round's figures
+        log(json.dumps({k: v for k, v in record.items() if k not in ("diagnostics", "server_fidelity")}))
         bar.update(1)
     bar.close()
     if (out / PENDING_DIR).exists() and not any((out / PENDING_DIR).iterdir()):
