@@ -179,6 +179,17 @@ def main(argv=None) -> int:
     if plain_scale != 1:
         print(f"the plain path runs {len(plain_shapes)} of the {len(shapes)} pairs; its times are scaled by "
               f"{plain_scale:g}")
+    def save(rows, stream_rows):
+        """The --json file, rewritten after every client count: a step killed by its timeout keeps what it measured."""
+        if not args.json:
+            return
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                         "command": "python " + " ".join(sys.argv), "full_shapes": full,
+                                         "pairs": len(shapes), "rank": rank, "oracle_pairs": len(sample),
+                                         "plain_pairs": len(plain_shapes), "copy_gbs": copy_gbs,
+                                         "rounds": rows, "stream": stream_rows}, indent=1))
+
     sample = plain_shapes[:max(1, args.sample)]  # the first 7: one of each module (the plain path's too)
     round_ = 2
     move = scheduled_factor(round_)
@@ -208,6 +219,7 @@ def main(argv=None) -> int:
                 rows.append(result_row(method, clients, path, ms, peak, worst_error(out, wants), plain_ms, nbytes,
                                        copy_gbs, residual=max(residuals) if residuals else None))
         del state, updates
+        save(rows, [])
     print(f"\n{'method':9} {'clients':>7} {'path':17} {'ms/round':>10} {'speed-up':>9} {'GB/s':>7} {'% copy':>7} "
           f"{'peak MiB':>9} {'err vs f64':>11} {'range resid':>11}")
     for r in rows:
@@ -242,14 +254,7 @@ def main(argv=None) -> int:
         peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
         print(f"{r['method']:9} {r['clients']:>7} {r['seconds']:>9.2f} {r['stream_bytes'] / 2**20:>17.1f} "
               f"{peak:>13}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                         "command": "python " + " ".join(sys.argv), "full_shapes": full,
-                                         "pairs": len(shapes), "rank": rank, "oracle_pairs": len(sample),
-                                         "plain_pairs": len(plain_shapes), "copy_gbs": copy_gbs,
-                                         "rounds": rows, "stream": stream_rows},
-                                        indent=1))
+    save(rows, stream_rows)
     return 0
 
 

@@ -456,8 +456,10 @@ def summary(report: dict) -> str:
         if r["status"] != "skipped" and (r.get("log") == "bench.log" or r["status"] != "ok"):
             lines += ["", f"### {r['name']} ({r['status']})", "", f"`{r.get('command', '')}`"]
             figures = json_markdown(r.get("json"))
-            if figures and r["status"] == "ok":  # the table says it; the output stays in results.json and bench.log
-                lines += ["", *figures]
+            if figures and r["status"] in ("ok", "timeout"):  # the output stays in results.json and bench.log
+                partial = ["", "Partial: the step ran out of time; what it measured before is below."] \
+                    if r["status"] == "timeout" else []
+                lines += [*partial, "", *figures]
             else:
                 lines += ["", "```text", *r.get("tail", [])[-40:], "```"]
     return "\n".join(lines) + "\n"
