@@ -41,6 +41,7 @@ def _runner_parser(prog: str, command: str) -> argparse.ArgumentParser:
     from .baselines import METHODS
     from .config import RESCALE_SPACES, SELECTIONS
     from .runner.config import LR_L1_RESCALED, LR_UNSCALED, RunConfig
+    from .server.decompose import SCHEDULES
 
     defaults = RunConfig()
     parser = argparse.ArgumentParser(prog=prog)
@@ -74,6 +75,10 @@ def _runner_parser(prog: str, command: str) -> argparse.ArgumentParser:
     parser.add_argument("--selection", choices=SELECTIONS,
                         help="override the method's upload selection, a study variant: e.g. fedsrd with "
                              "magnitude top-k, or a dense upload (default: the method's)")
+    parser.add_argument("--schedule", choices=SCHEDULES,
+                        help="which factor the FedSRD server moves per pair: alternate (the paper's: B in odd "
+                             "rounds, A in even ones) or greedy (the one whose change keeps more of the "
+                             f"aggregate; a study variant) (default: {defaults.schedule})")
     parser.add_argument("--weighting", choices=("equal", "samples"),
                         help=f"client weights: 1/m, or by sample count (default: {defaults.weighting})")
     parser.add_argument("--out-dir",

@@ -184,3 +184,61 @@ def test_triton_reconstruction_backend_matches_torch(method, path):
     got = fk.Aggregator(method, path=path, backend="triton").aggregate(g, ups, round=1)
     for key, sparse in want.deltas.items():
         torch.testing.assert_close(got.deltas[key].to_dense(), sparse.to_dense(), rtol=1e-6, atol=1e-9)
+
+
+def _greedy_oracle(g, updates, weights, truncate_rank):
+    """Per pair, both splits of eq. 12-13 from the dense float64 oracle, and the one whose change dB A or B dA
+    has the larger norm (written plainly: the dense products, then np.linalg.norm)."""
+    eps32 = np.finfo(np.float32).eps
+    want = {}
+    for key in g:
+        if not key.endswith("lora_A.weight"):
+            continue
+        prefix = key[: -len(".lora_A.weight")]
+        b_key = prefix + ".lora_B.weight"
+        b, a = oracle.f64(g[b_key]), oracle.f64(g[key])
+        d_b = [oracle.f64(u.deltas[b_key].to_dense()) for u in updates]
+        d_a = [oracle.f64(u.deltas[key].to_dense()) for u in updates]
+        rtols = (max(1e-2, max(b.shape) * eps32), max(1e-2, max(a.shape) * eps32))
+        _, delta_b = oracle.server_pair(b, a, d_b, d_a, weights, 1, truncate_rank, *rtols)
+        _, delta_a = oracle.server_pair(b, a, d_b, d_a, weights, 2, truncate_rank, *rtols)
+        kept_b, kept_a = np.linalg.norm(delta_b @ a), np.linalg.norm(b @ delta_a)
+        want[prefix] = ("B", b_key, delta_b) if kept_b >= kept_a else ("A", key, delta_a)
+    return want
+
+
+@pytest.mark.parametrize("method,path", CASES + [("fedsrd", "stream"), ("fedsrd-e", "stream")])
+@pytest.mark.parametrize("round_", [1, 2])
+def test_greedy_schedule_moves_the_factor_that_keeps_more(method, path, round_):
+    gen = torch.Generator().manual_seed(7 + round_)
+    # B and A both of full rank r, so either may move; widths where each factor wins somewhere
+    g = lora_state([(48, 40), (60, 9), (9, 60), (33, 70)], 4, gen=gen, extra=False)
+    for i, key in enumerate(k for k in g if k.endswith("lora_A.weight")):
+        if i % 2:  # A of unit-size entries: dB A outweighs B dA there, so B should move
+            g[key] = g[key] * g[key].shape[1] ** 0.5
+    locals_ = [perturbed(g, 0.05, gen=gen) for _ in range(3)]
+    updates = [fk.sparsify(c, g, fk.SparsifyConfig(selection="dense")) for c in locals_]
+    weights = [1.0, 2.0, 4.0]
+    agg = fk.Aggregator(method, path="auto" if path == "stream" else path, download_drop=0.0, schedule="greedy")
+    if path == "stream":
+        stream = agg.stream(g, round=round_)
+        for update, weight in zip(updates, weights):
+            stream.add(update, weight)
+        bcast = stream.finish()
+    else:
+        bcast = agg.aggregate(g, updates, weights=weights, round=round_)
+    want = _greedy_oracle(g, updates, weights, 4 if method == "fedsrd" else None)
+    assert {prefix: w[0] for prefix, w in want.items()} == bcast.moved
+    assert set(bcast.moved.values()) == {"A", "B"}, "the case should make each factor win somewhere"
+    # the stream's sketch of the truncated W is approximate (its own tests bound it); the rest is exact
+    tol = 1e-4 if (path == "stream" and method == "fedsrd") else 1e-6
+    for prefix, (_, key, delta) in want.items():
+        assert rel_err(bcast.deltas[key].to_dense().double().numpy(), delta) < tol, prefix
+    alternate = fk.Aggregator(method, download_drop=0.0).aggregate(g, updates, weights=weights, round=round_)
+    assert set(alternate.moved.values()) == {"B" if round_ == 1 else "A"}
+
+
+def test_bad_schedule_is_refused_for_every_method():
+    for method in ("fedsrd", "fedavg"):
+        with pytest.raises(fk.ConfigError, match="schedule"):
+            fk.Aggregator(method, schedule="random")

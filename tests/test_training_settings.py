@@ -109,13 +109,14 @@ def test_run_config_checks_the_new_settings():
     assert RunConfig(max_grad_norm=0).max_grad_norm is None  # TOML has no null: 0 turns clipping off
     for bad in (dict(max_grad_norm=-1.0), dict(max_grad_norm=True), dict(lora_dropout=1.0), dict(lora_dropout=-0.1),
                 dict(weighting="median"), dict(completion_only="yes"), dict(error_feedback=1), dict(rescale="no"),
-                dict(eval_every=0)):
+                dict(eval_every=0), dict(schedule="random")):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             RunConfig(**bad)
     cfg = RunConfig(error_feedback=True)
     assert cfg.upload_config().error_feedback and cfg.upload_config().rescale is False
     assert RunConfig(error_feedback=True, rescale=True).upload_config().rescale is True
     assert cfg.aggregator().weighting == "equal"
+    assert RunConfig(schedule="greedy").aggregator().decompose_options.schedule == "greedy"
 
 
 def test_default_lr_follows_the_upload_and_an_explicit_lr_wins():

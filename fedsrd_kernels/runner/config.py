@@ -13,6 +13,7 @@ from ..baselines import METHODS
 from ..config import RESCALE_SPACES, SELECTIONS, SparsifyConfig
 from ..errors import ConfigError
 from ..server import WEIGHTINGS, Aggregator
+from ..server.decompose import SCHEDULES
 
 DOMAINS = ("code", "medical", "math", "finance")
 
@@ -48,6 +49,8 @@ class RunConfig:
             Another one makes a study variant: fedsrd with a dense upload
             isolates what the server's SVD_r and download cost from what
             sparsifying the upload costs.
+    schedule: which factor the FedSRD server moves per pair: "alternate" (the
+            paper's) or "greedy" (the one that keeps more of dW; see Aggregator).
     eval_every: held-out loss every this many rounds (and after the last); the
             base adapter's loss (round 0) is always measured once.
     lr:     AdamW's learning rate; None = the best one the quality study measured
@@ -81,6 +84,7 @@ class RunConfig:
     rescale: bool | None = None
     rescale_space: str = "params"
     selection: str | None = None
+    schedule: str = "alternate"
     eval_every: int = 1
     mu: float | None = None
     participation: float = 1.0
@@ -122,6 +126,8 @@ class RunConfig:
             raise ConfigError(f"selection must be one of {SELECTIONS} or None, got {self.selection!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.norm_bound is not None and not (isinstance(self.norm_bound, (int, float)) and
                                                 math.isfinite(self.norm_bound) and self.norm_bound > 0):
             raise ConfigError(f"norm_bound must be a number > 0 or None, got {self.norm_bound!r}")
@@ -183,4 +189,4 @@ class RunConfig:
         """The run's Aggregator: the one place the runner and the Flower apps build it from."""
         return Aggregator(self.method, download_drop=self.download_drop, seed=self.seed, value_dtype=self.value_dtype,
                           mu=self.mu, norm_bound=self.norm_bound, weighting=self.weighting,
-                          upload=self.upload_config())
+                          upload=self.upload_config(), schedule=self.schedule)

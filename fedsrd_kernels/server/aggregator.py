@@ -58,10 +58,15 @@ class Aggregator:
                    factor moves next round.
     path:          FedSRD decompose path: "auto", "exact", "randomized", "delta" (FedSRD-e)
                    or "reference" (see fedsrd_kernels.server.decompose); the chosen one is reported.
+    schedule:      which factor a FedSRD pair moves: "alternate" (the paper: B in odd rounds,
+                   A in even ones) or "greedy" (beyond the paper, a study switch: per pair, the
+                   factor whose change keeps more of dW, at twice the decompose work; see
+                   decompose.greedy_moves). The report's ``moved`` says what moved.
     oversample, power_iters: the randomized path's extra columns and W W^T rounds.
     memory_budget: bytes of float64 working set per batched decompose call.
-                   The baselines ignore path, oversample, power_iters, memory_budget and
-                   projection_rtol, but every method checks them (decompose.check_options).
+                   The baselines ignore path, oversample, power_iters, memory_budget,
+                   projection_rtol and schedule, but every method checks them
+                   (decompose.check_options).
     norm_bound:    robust aggregation, off (None) by default: clip each client's
                    reconstructed update ||B_i A_i - B A||_F (whole adapter) to
                    norm_bound x the round's median. Clipping by c_i is applied as a
@@ -98,13 +103,14 @@ class Aggregator:
         backend: str | None = None,
         norm_bound: float | None = None,
         weighting: str = "samples",
+        schedule: str = "alternate",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {method!r}")
         self.spec: MethodSpec = METHODS[method]
         fedsrd = self.spec.server == "fedsrd"
         options = dict(path=path, rank=rank, projection_rtol=projection_rtol, oversample=oversample,
-                       power_iters=power_iters, memory_budget=memory_budget, backend=backend)
+                       power_iters=power_iters, memory_budget=memory_budget, backend=backend, schedule=schedule)
         check_options(truncate=self.spec.truncate if fedsrd else None, **options)  # for every method
         options["projection_rtol"] = float(projection_rtol)
         drop = self.spec.download_drop if download_drop is None else download_drop

@@ -30,7 +30,7 @@ from ..errors import AggregationError, ConfigError
 from ..kernels.reconstruct.reference import scatter_delta
 from ..lora import LoraPair, StateDict, factor_keys, state_digest
 from ..updates import Broadcast, SparseTensor, SparseUpdate
-from .decompose import plan_moves, projection_rtols, range_generator, scheduled_factor, truncation_rank
+from .decompose import greedy_moves, plan_moves, projection_rtols, range_generator, scheduled_factor, truncation_rank
 from .factored import explicit_basis, gram_pinv, mT, project_core, svqb, truncate_core
 from .robust import check_weight
 from .rounds import AggregationReport
@@ -208,6 +208,10 @@ class RoundStream:
             residual = None
         else:
             delta_b, delta_a, residual = self._sketch_deltas(group)
+        if self._agg.decompose_options.schedule == "greedy":  # both candidates are here: keep the better per pair
+            rtol = projection_rtols(group.pairs[0], self._global[group.pairs[0].a_key].dtype, self._rtol)
+            plans = greedy_moves(group.b, group.a, delta_b, delta_a, self._round, rtol)
+            group.moves, group.notes = [m for m, _ in plans], [n for _, n in plans]
         for i in live:
             pair, move = group.pairs[i], group.moves[i]
             out[pair.b_key if move == "B" else pair.a_key] = (delta_b if move == "B" else delta_a)[i]
