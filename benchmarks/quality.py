@@ -262,6 +262,19 @@ def markdown(name: str, rows: list[dict], best: list[dict], rounds: int, runs: d
     return "\n".join(lines) + "\n"
 
 
+def loss_axis(curves: list[list[float]]) -> tuple[float, float]:
+    """The plots' loss range: from just under the lowest point to just over the highest base loss
+    (each curve's first point), so that a run that diverges (18.4 after 12 rounds, against a base
+    of 2.85) leaves the chart instead of squashing every other curve into its bottom tenth."""
+    points = [y for ys in curves for y in ys if math.isfinite(y)]
+    if not points:
+        return 0.0, 1.0
+    starts = [ys[0] for ys in curves if ys and math.isfinite(ys[0])]
+    low, high = min(points), max(starts or points)
+    pad = 0.05 * max(high - low, 1e-3)
+    return low - pad, high + pad
+
+
 def plot(runs: dict[str, dict], best: list[dict], path_rounds: Path, path_mib: Path, name: str) -> None:
     """Mean held-out loss against round and against cumulative MiB per client, one line per best variant."""
     import matplotlib
@@ -289,9 +302,12 @@ def plot(runs: dict[str, dict], best: list[dict], path_rounds: Path, path_mib: P
             curves.append((row, xs, [statistics.fmean(points[x]) for x in xs]))
         # round 0 has sent nothing: on the log axis every base point sits at one left edge
         left = min((x for _, xs, _ in curves for x in xs if x > 0), default=1.0) / 3
+        bottom, top = loss_axis([ys for _, _, ys in curves])
         for row, xs, ys in curves:
             xs = [left if by_traffic and x == 0 else x for x in xs]
-            ax.plot(xs, ys, marker="o", label=f"{row['variant']} lr={row['lr']:g} ({len(row['seeds'])} seeds)")
+            off = " - diverged, off the chart" if max(ys, default=0.0) > top else ""
+            ax.plot(xs, ys, marker="o", label=f"{row['variant']} lr={row['lr']:g} ({len(row['seeds'])} seeds){off}")
+        ax.set_ylim(bottom, top)
         ax.set_ylabel("mean held-out loss (4 domains)")
         if by_traffic:
             ax.set_xscale("log")

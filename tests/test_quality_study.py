@@ -75,3 +75,17 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert "base (round 0)" in table and "fedsrd+error_feedback" in table
     for plot in ("rounds", "mib"):
         assert (results / f"quality-tiny-{plot}.png").stat().st_size > 10_000
+
+
+def test_loss_axis_lets_a_diverged_run_leave_the_chart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    learning = [2.85, 2.40, 2.30, 2.22]
+    diverged = [2.85, 2.52, 2.42, 18.4]
+    bottom, top = module.loss_axis([learning, diverged])
+    assert bottom < 2.22 < 2.85 < top < 3.0  # every point of the learning curve shows, the 18.4 does not
+    assert module.loss_axis([[float("nan"), 2.5, 2.4]]) == pytest.approx((2.395, 2.505))
+    assert module.loss_axis([]) == (0.0, 1.0)
