@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -67,3 +71,12 @@ def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
     got, want = got.cpu().contiguous(), want.cpu().contiguous()
     assert torch.equal(got.view(_BITS[got.dtype]), want.view(_BITS[want.dtype]))
+
+
+def load_script(path: Path, name: str):
+    """A script outside the package (an example, a benchmark driver) imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """The examples under examples/ run, and do what they print."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,13 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import fedsrd_kernels as fk  # noqa: E402
+from tests.helpers import load_script  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "federated_peft.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("federated_peft", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "federated_peft")
 
 
 @pytest.fixture

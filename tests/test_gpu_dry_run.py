@@ -8,7 +8,6 @@ in a second.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["wheels", "env", "build", "gpu-tests", "sanitizer-cuda-ops", "bench_sparsify", "server", "bench_cuda",
@@ -29,11 +30,7 @@ NEED_GPU = {"build", "sanitizer-cuda-ops", "device-tests", "sanitizer-triton"}
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "benchmarks" / "gpu" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "gpu" / "run.py", "gpu_run")
 
 
 @pytest.mark.slow  # ~50 s: still in CI (.ci/run runs the whole suite), out of the fast tier (pyproject.toml)

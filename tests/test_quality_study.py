@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
@@ -78,11 +80,7 @@ def test_study_runs_resumes_and_reports(tmp_path):
 
 
 def test_loss_axis_lets_a_diverged_run_leave_the_chart():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, "quality_study")
     learning = [2.85, 2.40, 2.30, 2.22]
     diverged = [2.85, 2.52, 2.42, 18.4]
     bottom, top = module.loss_axis([learning, diverged])
